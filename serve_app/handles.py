@@ -1,0 +1,90 @@
+"""Deployment handles behind small async interfaces (ports), so the pipeline knows no Ray.
+
+Handles to the models application are resolved lazily: the two applications of one
+config file deploy concurrently and the stack may come up first.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from serve_app.errors import ApiError, is_error_payload
+
+
+class LLMClient(Protocol):
+    async def complete(self, request: dict[str, Any], request_id: str) -> dict[str, Any]: ...
+
+    def stream(self, request: dict[str, Any], request_id: str) -> AsyncIterator[dict[str, Any]]: ...
+
+
+class LazyHandle:
+    def __init__(self, deployment: str, app_name: str | None) -> None:
+        self.deployment = deployment
+        self.app_name = app_name
+        self._handle: Any = None
+
+    def get(self) -> Any:
+        if self._handle is None:
+            from ray import serve
+
+            try:
+                self._handle = serve.get_deployment_handle(self.deployment, self.app_name)
+            except Exception as exc:  # not deployed (yet)
+                raise ApiError(503, f"{self.deployment} is not available yet; retry shortly.",
+                               code="service_unavailable") from exc
+        return self._handle
+
+    async def call(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
+        response = getattr(self.get(), method).remote(*args)
+        try:
+            return await asyncio.wait_for(_await(response), timeout_s)
+        except asyncio.TimeoutError as exc:
+            response.cancel()
+            raise ApiError(504, f"{self.deployment} did not answer within {timeout_s:.0f}s.",
+                           code="timeout") from exc
+        except ApiError:
+            raise
+        except Exception as exc:  # replica died, actor error: unavailable, never a trace
+            raise ApiError(503, f"{self.deployment} failed; retry the request.",
+                           code="service_unavailable") from exc
+
+    def stream(self, method: str, *args: Any) -> Any:
+        return getattr(self.get().options(stream=True), method).remote(*args)
+
+
+async def _await(response: Any) -> Any:
+    return await response
+
+
+class LocalLLMClient:
+    """LLMClient over the LocalLLM deployment."""
+
+    def __init__(self, handle: LazyHandle, timeout_s: float) -> None:
+        self.handle = handle
+        self.timeout_s = timeout_s
+
+    async def complete(self, request: dict[str, Any], request_id: str) -> dict[str, Any]:
+        result = await self.handle.call("chat", request, request_id, timeout_s=self.timeout_s)
+        if is_error_payload(result):
+            raise ApiError.from_payload(result)
+        return result
+
+    async def stream(self, request: dict[str, Any], request_id: str) -> AsyncIterator[dict[str, Any]]:
+        generator = self.handle.stream("chat_stream", request, request_id)
+        finished = False
+        try:
+            async for chunk in generator:
+                yield chunk
+            finished = True
+        except ApiError:
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise ApiError(503, "The local model failed while streaming.",
+                           code="service_unavailable") from exc
+        finally:
+            if not finished:
+                # Client went away or a later step failed: stop generating downstream.
+                generator.cancel()

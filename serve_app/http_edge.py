@@ -1,0 +1,183 @@
+"""The HTTP edge of the Gateway: request ids, body size limit, error JSON, the per-request
+log line. Exceptions become OpenAI-shaped responses here and nowhere else."""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve_app.errors import ApiError, error_body, error_response, param_from_location
+from serve_app.request_context import RequestContext, request_id_from
+
+logger = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "x-request-id"
+
+
+class EdgeHooks:
+    """What the middleware needs from the ingress replica, registered in its constructor.
+
+    A module-level registry (not a closure) because Serve pickles the ingress class and
+    its FastAPI app by value; this module is imported by reference in the replica."""
+
+    max_body_bytes: int = 1_000_000
+    on_complete: Callable[[RequestContext], None] = staticmethod(lambda context: None)
+
+
+def register_edge_hooks(*, max_body_bytes: int,
+                        on_complete: Callable[[RequestContext], None]) -> None:
+    EdgeHooks.max_body_bytes = max_body_bytes
+    EdgeHooks.on_complete = staticmethod(on_complete)
+
+
+def _serve_request_id() -> str | None:
+    """Ray Serve's own request id (it honours an incoming x-request-id and returns the
+    header itself); None outside Serve."""
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        return _get_serve_request_context().request_id or None
+    except Exception:
+        return None
+
+
+class RequestEdgeMiddleware:
+    """Pure ASGI middleware (streaming-safe): it sees the end of a streamed body, so the
+    log line and latency cover the whole response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                   for k, v in scope.get("headers", [])}
+        serve_id = _serve_request_id()
+        context = RequestContext(
+            request_id=serve_id or request_id_from(headers.get(REQUEST_ID_HEADER)),
+            route=scope.get("path", ""), method=scope.get("method", ""))
+        scope.setdefault("state", {})["ctx"] = context
+        limit = EdgeHooks.max_body_bytes
+        response_started = False
+
+        too_large = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal response_started
+            if too_large and not response_started:
+                # The app answered a truncated body; answer 413 in its place.
+                response_started = True
+                await self._send_error(send_with_id_raw, _too_large(limit))
+                return
+            if too_large:
+                return
+            await send_with_id_raw(message)
+
+        async def send_with_id_raw(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                context.status = message["status"]
+                if serve_id is None:  # Serve's proxy adds the header itself
+                    message["headers"] = list(message.get("headers", [])) + [
+                        (REQUEST_ID_HEADER.encode(), context.request_id.encode())]
+            await send(message)
+
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._send_error(send_with_id_raw, _too_large(limit))
+            self._complete(context)
+            return
+
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received, too_large
+            if too_large:
+                return {"type": "http.request", "body": b"", "more_body": False}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    # Stop reading; whatever the app makes of the cut body is replaced.
+                    too_large = True
+                    context.error_code = "request_too_large"
+                    return {"type": "http.request", "body": b"", "more_body": False}
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send_with_id)
+        except Exception:  # last line of defence: never a stack trace to the client
+            logger.exception("unhandled error in %s %s", context.method, context.route)
+            context.error_code = context.error_code or "internal_error"
+            if not response_started:
+                await self._send_error(send_with_id, ApiError(
+                    500, "Internal error; the request id identifies it in the logs.",
+                    code="internal_error"))
+        finally:
+            self._complete(context)
+
+    @staticmethod
+    def _complete(context: RequestContext) -> None:
+        try:
+            EdgeHooks.on_complete(context)
+        except Exception:
+            logger.exception("request completion hook failed")
+
+    @staticmethod
+    async def _send_error(send: Send, error: ApiError) -> None:
+        body = json.dumps(error.body()).encode()
+        await send({"type": "http.response.start", "status": error.status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"Request body exceeds the limit of {limit} bytes.",
+                    code="request_too_large")
+
+
+def context_of(request: Request) -> RequestContext:
+    return request.state.ctx
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        context_of(request).error_code = exc.code
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first: dict[str, Any] = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            error = ApiError(400, "The request body is not valid JSON: "
+                             f"{first.get('ctx', {}).get('error', 'parse error')}.",
+                             code="invalid_json")
+        elif first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
+            error = ApiError(400, "The request needs a JSON body.", code="invalid_json")
+        else:
+            param = param_from_location(first.get("loc", ()))
+            error = ApiError(422, f"Invalid value for '{param}': {first.get('msg', 'invalid')}.",
+                             code="invalid_value", param=param)
+        context_of(request).error_code = error.code
+        return error_response(error)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        message = exc.detail if isinstance(exc.detail, str) else "HTTP error"
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        from fastapi.responses import JSONResponse
+
+        return JSONResponse(error_body(exc.status_code, message, code=code),
+                            status_code=exc.status_code)

