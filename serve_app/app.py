@@ -17,6 +17,7 @@ from deployments.embedder import Embedder
 from deployments.gateway import Gateway
 from deployments.local_llm import LocalLLM
 from deployments.models_root import ModelsRoot
+from deployments.quota import Quota
 from serve_app.settings import ModelsAppSettings, StackAppSettings
 
 
@@ -27,4 +28,4 @@ def build_models_app(args: dict[str, Any]) -> Application:
 
 def build_app(args: dict[str, Any]) -> Application:
     settings = StackAppSettings.model_validate(args).model_dump(mode="json")
-    return Gateway.bind(settings)
+    return Gateway.bind(settings, quota=Quota.bind(settings))

@@ -88,3 +88,52 @@ class LocalLLMClient:
             if not finished:
                 # Client went away or a later step failed: stop generating downstream.
                 generator.cancel()
+
+
+class QuotaClient:
+    """The accounting port over the Quota deployment: admit before, settle after."""
+
+    def __init__(self, handle: Any, *, settle_retry_s: float, timeout_s: float = 15.0) -> None:
+        self.handle = handle
+        self.settle_retry_s = settle_retry_s
+        self.timeout_s = timeout_s
+
+    async def call(self, method: str, *args: Any) -> Any:
+        response = getattr(self.handle, method).remote(*args)
+        try:
+            result = await asyncio.wait_for(_await(response), self.timeout_s)
+        except asyncio.TimeoutError as exc:
+            response.cancel()
+            raise ApiError(503, "The quota service did not answer; retry the request.",
+                           code="quota_unavailable") from exc
+        except ApiError:
+            raise
+        except Exception as exc:
+            raise ApiError(503, "The quota service is unavailable; retry the request.",
+                           code="quota_unavailable") from exc
+        if is_error_payload(result):
+            raise ApiError.from_payload(result)
+        return result
+
+    async def admit(self, **kwargs: Any) -> dict[str, Any]:
+        return await self.call("admit", kwargs["api_key"], kwargs["model"],
+                               kwargs["model_known"], kwargs["prompt_tokens"],
+                               kwargs["max_output_tokens"], kwargs["price"],
+                               kwargs["request_id"])
+
+    async def settle(self, row: dict[str, Any]) -> None:
+        """Commit the usage row, retrying while the Quota replica is away (it is restarted
+        by Serve); a row is never dropped silently: after the deadline this raises."""
+        deadline = asyncio.get_running_loop().time() + self.settle_retry_s
+        delay = 0.1
+        while True:
+            try:
+                await self.call("settle", row)
+                return
+            except ApiError as error:
+                if error.status != 503 or asyncio.get_running_loop().time() > deadline:
+                    raise ApiError(503, "The answer was generated but its usage could not be "
+                                   "recorded; it was not delivered. Retry the request.",
+                                   code="usage_not_recorded") from error
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)

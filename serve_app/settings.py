@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from serve_app.quota.pricing import Price
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -76,6 +78,37 @@ class GatewaySettings(StrictModel):
     )
 
 
+class QuotaSettings(StrictModel):
+    auth_required: bool = Field(
+        True, description="Every /v1 request needs an API key. Off: requests without a key "
+        "run as tenant 'anonymous' with no limits (a key, if sent, is still checked).")
+    admin_key_env: str = Field(
+        "LLMSTACK_ADMIN_KEY", description="Environment variable holding the admin key. If it "
+        "is unset, a key is generated once into <data_dir>/secrets/admin.key (mode 600).")
+    key_pepper_env: str = Field(
+        "LLMSTACK_KEY_PEPPER", description="Environment variable with the HMAC pepper for key "
+        "hashes; unset: generated once into <data_dir>/secrets/pepper.")
+    window_s: float = Field(60.0, gt=0, description="Rate-limit window (RPM/TPM).")
+    output_tokens_estimate: int = Field(
+        256, ge=1, description="Output tokens reserved when a request sets no max_tokens.")
+    alert_thresholds: list[float] = Field(
+        [0.5, 0.8, 1.0], description="Budget fractions that fire an alert once per period.")
+    alert_webhook_url: str | None = Field(
+        None, description="POST JSON alerts here (a key's own webhook URL wins).")
+    webhook_attempts: int = Field(5, ge=1)
+    webhook_first_delay_s: float = Field(0.5, ge=0)
+    settle_retry_s: float = Field(
+        30.0, ge=0, description="How long the gateway retries recording usage (e.g. while the "
+        "Quota replica restarts) before it fails the request rather than lose the row.")
+
+    @field_validator("alert_thresholds")
+    @classmethod
+    def _fractions(cls, value: list[float]) -> list[float]:
+        if any(not 0 < t <= 1.5 for t in value):
+            raise ValueError("alert thresholds are fractions of the budget in (0, 1.5]")
+        return sorted(set(value))
+
+
 class StackAppSettings(StrictModel):
     """args of the `stack` application (Gateway and the services behind it)."""
 
@@ -87,11 +120,19 @@ class StackAppSettings(StrictModel):
         "the stack can be redeployed without reloading any model.",
     )
     gateway: GatewaySettings = GatewaySettings()
+    quota: QuotaSettings = QuotaSettings()
+    prices: dict[str, Price] = Field(
+        default_factory=dict,
+        description="USD per million input/output tokens by model name (the local model's "
+        "price is a chargeback rate; remote providers carry their own prices).")
 
     @field_validator("data_dir")
     @classmethod
     def _absolute_data_dir(cls, value: Path) -> Path:
         return resolve_data_dir(value)
+
+    def price_of(self, model: str) -> Price:
+        return self.prices.get(model, Price())
 
     @model_validator(mode="after")
     def _models_app_named(self) -> "StackAppSettings":

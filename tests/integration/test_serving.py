@@ -11,6 +11,8 @@ import psutil
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
+from tests.support.keys import create_key
+
 MODEL = "smollm2-135m-instruct"
 EMBEDDING_MODEL = "all-minilm-l6-v2"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -21,18 +23,20 @@ def stack(cluster, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("serving")
     cluster.deploy_stack(data_dir, {"gateway": {"max_body_bytes": 200_000}})
     cluster.data_dir = data_dir
+    cluster.api_key = create_key(cluster.base_url, tenant="serving")["key"]
     return cluster
 
 
 @pytest.fixture(scope="module")
 def client(stack) -> OpenAI:
-    return OpenAI(base_url=f"{stack.base_url}/v1", api_key="not-needed", max_retries=0,
+    return OpenAI(base_url=f"{stack.base_url}/v1", api_key=stack.api_key, max_retries=0,
                   timeout=120)
 
 
 @pytest.fixture(scope="module")
 def http(stack) -> httpx.Client:
-    with httpx.Client(base_url=stack.base_url, timeout=120) as session:
+    with httpx.Client(base_url=stack.base_url, timeout=120,
+                      headers={"authorization": f"Bearer {stack.api_key}"}) as session:
         yield session
 
 
@@ -200,7 +204,7 @@ def test_sdk_raises_typed_errors(client):
 # ---------------------------------------------------------------------------- concurrency
 def test_eight_concurrent_requests_all_succeed(stack):
     async def run() -> list:
-        async with AsyncOpenAI(base_url=f"{stack.base_url}/v1", api_key="x",
+        async with AsyncOpenAI(base_url=f"{stack.base_url}/v1", api_key=stack.api_key,
                                max_retries=0, timeout=180) as aclient:
             prompts = [f"Give me one fact about the number {i}." for i in range(8)]
             return await asyncio.gather(*(aclient.chat.completions.create(
@@ -233,6 +237,7 @@ def test_request_id_is_echoed_and_logged(stack, http):
     assert record["status"] == 200 and record["model"] == MODEL
     assert record["tokens_in"] > 0 and record["tokens_out"] > 0
     assert record["route"] == "/v1/chat/completions" and record["latency_ms"] > 0
+    assert record["tenant"] == "serving" and record["key_id"]
 
 
 # ---------------------------------------------------------------------------- client disconnect
@@ -245,7 +250,8 @@ def _running_requests() -> int:
 def test_client_disconnect_aborts_generation(stack):
     body = {"model": MODEL, "messages": QUESTION, "max_tokens": 1500, "ignore_eos": True,
             "stream": True}
-    with httpx.Client(base_url=stack.base_url, timeout=60) as session:
+    with httpx.Client(base_url=stack.base_url, timeout=60,
+                      headers={"authorization": f"Bearer {stack.api_key}"}) as session:
         with session.stream("POST", "/v1/chat/completions", json=body) as response:
             lines = response.iter_lines()
             received = [next(lines) for _ in range(6)]

@@ -1,0 +1,76 @@
+"""Gateway: a thin shell. Route mixins parse requests and shape responses; the pipeline
+(serve_app.chat_service) does the work; services are reached through handles."""
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+from ray import serve
+
+from deployments.gateway.admin_routes import AdminRoutes
+from deployments.gateway.fastapi_app import api_key_of, app
+from deployments.gateway.openai_routes import OpenAIRoutes
+from serve_app.chat_service import ChatService, ModelTarget
+from serve_app.handles import LazyHandle, LocalLLMClient, QuotaClient
+from serve_app.http_edge import context_of, register_edge_hooks
+from serve_app.metrics import serve_metrics
+from serve_app.request_context import RequestContext, RequestLogger
+from serve_app.settings import StackAppSettings
+
+
+@serve.deployment(name="Gateway", max_ongoing_requests=128)
+@serve.ingress(app)
+class Gateway(OpenAIRoutes, AdminRoutes):
+    def __init__(self, settings: dict[str, Any], quota: Any) -> None:
+        self.settings = StackAppSettings.model_validate(settings)
+        models_app = self.settings.models_app
+        self.llm = LazyHandle("LocalLLM", models_app)
+        self.embedder = LazyHandle("Embedder", models_app)
+        self.quota = QuotaClient(quota, settle_retry_s=self.settings.quota.settle_retry_s)
+        self.metrics = serve_metrics()
+        self.request_log = RequestLogger(self.settings.data_dir / "logs")
+        self._model_info: dict[str, dict[str, Any]] = {}
+        self.chat = ChatService(
+            targets=self._targets,
+            accounting=self.quota,
+            price_of=self.settings.price_of,
+            prompt_log_mode=self.settings.gateway.log_prompts,
+            on_tokens=self._count_tokens,
+            on_ttft=lambda model, s: self.metrics.ttft.observe(
+                s, tags={"gen_ai_request_model": model}),
+        )
+        register_edge_hooks(max_body_bytes=self.settings.gateway.max_body_bytes,
+                            on_complete=self.finish_request)
+
+    # ------------------------------------------------------------------ wiring
+    async def models(self) -> dict[str, dict[str, Any]]:
+        if not self._model_info:
+            timeout = self.settings.gateway.readiness_probe_timeout_s
+            llm = await self.llm.call("model_info", timeout_s=timeout)
+            embedder = await self.embedder.call("model_info", timeout_s=timeout)
+            self._model_info = {"chat": llm, "embedding": embedder}
+        return self._model_info
+
+    def _targets(self) -> dict[str, ModelTarget]:
+        name = self._model_info["chat"]["id"]
+        client = LocalLLMClient(self.llm, self.settings.gateway.request_timeout_s)
+        return {name: ModelTarget(name=name, client=client)}
+
+    async def authenticate(self, request: Request) -> dict[str, Any]:
+        principal = await self.quota.call("authenticate", api_key_of(request))
+        context = context_of(request)
+        context.tenant = principal["tenant_id"]
+        context.key_id = principal["key_id"]
+        return principal
+
+    def _count_tokens(self, model: str, tokens_in: int, tokens_out: int) -> None:
+        self.metrics.tokens.inc(tokens_in, tags={"gen_ai_request_model": model,
+                                                 "gen_ai_token_type": "input"})
+        self.metrics.tokens.inc(tokens_out, tags={"gen_ai_request_model": model,
+                                                  "gen_ai_token_type": "output"})
+
+    def finish_request(self, context: RequestContext) -> None:
+        route = context.route if context.route.startswith(("/v1/", "/admin/")) else "other"
+        self.metrics.requests.inc(tags={"route": route, "status": str(context.status)})
+        self.metrics.latency.observe(context.elapsed_ms() / 1000, tags={"route": route})
+        self.request_log.write(context)

@@ -1,0 +1,91 @@
+"""OpenAI-compatible routes and health probes."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from deployments.gateway.fastapi_app import api_key_of, app
+from serve_app.errors import ApiError
+from serve_app.handles import LocalLLMClient
+from serve_app.http_edge import context_of
+from serve_app.protocol import ChatCompletionRequest, EmbeddingRequest, encode_embedding
+
+
+class OpenAIRoutes:
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        """Ready only when the local model answers a one-token generation."""
+        probe: dict[str, Any] = {"messages": [{"role": "user", "content": "ping"}],
+                                 "max_tokens": 1, "temperature": 0}
+        try:
+            models = await self.models()
+            probe["model"] = models["chat"]["id"]
+            await LocalLLMClient(self.llm, self.settings.gateway.readiness_probe_timeout_s
+                                 ).complete(probe, f"readyz-{time.time_ns()}")
+        except ApiError as error:
+            return JSONResponse({"status": "not_ready", "reason": error.message},
+                                status_code=503)
+        return JSONResponse({"status": "ready", "model": probe["model"]})
+
+    @app.get("/v1/models")
+    async def list_models(self, request: Request) -> dict[str, Any]:
+        await self.authenticate(request)
+        models = await self.models()
+        return {"object": "list", "data": [models["chat"], models["embedding"]]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+        await self.models()
+        outcome = await self.chat.handle(body, context_of(request), api_key_of(request))
+        if outcome.stream is not None:
+            return StreamingResponse(outcome.stream, media_type="text/event-stream",
+                                     headers={**outcome.headers, "cache-control": "no-cache"})
+        return JSONResponse(outcome.body, headers=outcome.headers)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(self, body: EmbeddingRequest, request: Request) -> JSONResponse:
+        models = await self.models()
+        context = context_of(request)
+        served = models["embedding"]["id"]
+        texts = body.texts()
+        await self.chat.admit(context, api_key=api_key_of(request), model=body.model,
+                              model_known=body.model == served, texts=texts,
+                              max_output_tokens=0, price=self.settings.price_of(served))
+        try:
+            response = await self._embed(body, texts, served, models["embedding"])
+        except ApiError as error:
+            context.error_code = error.code
+            await self.chat.record(context, error.status)
+            raise
+        context.model = served
+        context.tokens_in = response["usage"]["prompt_tokens"]
+        context.cost_usd = self.settings.price_of(served).cost(context.tokens_in, 0)
+        await self.chat.record(context, 200)
+        return JSONResponse(response)
+
+    async def _embed(self, body: EmbeddingRequest, texts: list[str], served: str,
+                     info: dict[str, Any]) -> dict[str, Any]:
+        if not texts or any(not t for t in texts):
+            raise ApiError(400, "input must be a non-empty string or list of non-empty strings",
+                           param="input")
+        limit = self.settings.gateway.max_embedding_inputs
+        if len(texts) > limit:
+            raise ApiError(400, f"input has {len(texts)} items; at most {limit} per request",
+                           param="input")
+        if body.dimensions is not None and body.dimensions != info["dimensions"]:
+            raise ApiError(400, f"{served} has {info['dimensions']} dimensions; it cannot "
+                           "shorten them", param="dimensions")
+        result = await self.embedder.call("embed_with_usage", texts,
+                                          timeout_s=self.settings.gateway.request_timeout_s)
+        data = [{"object": "embedding", "index": i,
+                 "embedding": encode_embedding(vector, body.encoding_format)}
+                for i, vector in enumerate(result["vectors"])]
+        return {"object": "list", "data": data, "model": served,
+                "usage": {"prompt_tokens": result["tokens"], "total_tokens": result["tokens"]}}

@@ -1,0 +1,166 @@
+"""Quota: one replica shared by every Gateway replica. Owns the accounts store (keys,
+tenants), the rate-limit windows, budget reservations, the usage ledger and alerts.
+Thin shell over serve_app.quota.service.QuotaService; errors return as payloads."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ray import serve
+
+from serve_app.accounts.store import AccountStore
+from serve_app.errors import ApiError
+from serve_app.quota.alerts import WebhookNotifier
+from serve_app.quota.ledger import UsageLedger, UsageRow
+from serve_app.quota.pricing import Price
+from serve_app.quota.service import QuotaPolicy, QuotaService
+from serve_app.secrets_store import env_or_generated
+from serve_app.settings import StackAppSettings
+
+alert_logger = logging.getLogger("llmstack.alerts")
+
+
+class _MetricEvents:
+    def __init__(self) -> None:
+        from ray.serve import metrics
+
+        keys = ("tenant", "key_id")
+        self.requests = metrics.Counter("llmstack_key_requests_total",
+                                        "Requests per key and status.", tag_keys=keys + ("status",))
+        self.tokens = metrics.Counter("llmstack_key_tokens_total", "Tokens per key.",
+                                      tag_keys=keys + ("direction",))
+        self.cost = metrics.Counter("llmstack_cost_usd_total", "Spend in USD per key and model.",
+                                    tag_keys=keys + ("model",))
+        self.remaining = metrics.Gauge("llmstack_budget_remaining_usd",
+                                       "Budget left in the current period.", tag_keys=keys)
+        self.rejections = metrics.Counter("llmstack_rate_limited_total",
+                                          "Requests refused by a limit (rpm, tpm, budget).",
+                                          tag_keys=keys + ("limit",))
+        self.alerts = metrics.Counter("llmstack_budget_alerts_total", "Budget alerts fired.",
+                                      tag_keys=keys + ("threshold",))
+
+    def rate_limited(self, tenant: str, key_id: str, limit: str) -> None:
+        self.rejections.inc(tags={"tenant": tenant, "key_id": key_id, "limit": limit})
+
+    def settled(self, row: UsageRow, remaining_budget: float | None) -> None:
+        tags = {"tenant": row.tenant_id, "key_id": row.key_id}
+        self.requests.inc(tags={**tags, "status": str(row.status)})
+        self.tokens.inc(row.tokens_in, tags={**tags, "direction": "input"})
+        self.tokens.inc(row.tokens_out, tags={**tags, "direction": "output"})
+        if row.cost_usd:
+            self.cost.inc(row.cost_usd, tags={**tags, "model": row.model or ""})
+        if remaining_budget is not None:
+            self.remaining.set(remaining_budget, tags=tags)
+
+    def alert(self, tenant: str, key_id: str, threshold: float) -> None:
+        self.alerts.inc(tags={"tenant": tenant, "key_id": key_id, "threshold": str(threshold)})
+
+
+def _log_alert(payload: dict[str, Any]) -> None:
+    alert_logger.warning(json.dumps(payload))
+
+
+def _payload_errors(call: Callable[[], Any]) -> Any:
+    try:
+        return call()
+    except ApiError as error:
+        return error.to_payload()
+    except KeyError as error:
+        return ApiError(404, f"not found: {error.args[0]}", code="not_found").to_payload()
+    except ValueError as error:
+        return ApiError(400, str(error), code="invalid_value").to_payload()
+
+
+async def _payload_errors_async(call: Callable[[], Awaitable[Any]]) -> Any:
+    try:
+        return await call()
+    except ApiError as error:
+        return error.to_payload()
+
+
+@serve.deployment(name="Quota", num_replicas=1, max_ongoing_requests=2000,
+                  ray_actor_options={"num_cpus": 0.1})
+class Quota:
+    def __init__(self, settings: dict[str, Any]) -> None:
+        parsed = StackAppSettings.model_validate(settings)
+        quota = parsed.quota
+        data_dir = parsed.data_dir
+        if not alert_logger.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            alert_logger.addHandler(handler)
+            alert_logger.propagate = False
+        pepper = env_or_generated(quota.key_pepper_env, data_dir, "pepper").encode()
+        admin_key = env_or_generated(quota.admin_key_env, data_dir, "admin.key")
+        self.service = QuotaService(
+            AccountStore(data_dir / "accounts.db", pepper),
+            UsageLedger(data_dir / "usage.db"),
+            QuotaPolicy(auth_required=quota.auth_required, window_s=quota.window_s,
+                        output_tokens_estimate=quota.output_tokens_estimate,
+                        alert_thresholds=tuple(quota.alert_thresholds),
+                        alert_webhook_url=quota.alert_webhook_url),
+            admin_key,
+            notifier=WebhookNotifier(attempts=quota.webhook_attempts,
+                                     first_delay_s=quota.webhook_first_delay_s),
+            events=_MetricEvents(), alert_log=_log_alert)
+
+    # ---------------------------------------------------------------- request path
+    def admit(self, api_key: str | None, model: str, model_known: bool, prompt_tokens: int,
+              max_output_tokens: int | None, price: dict[str, float], request_id: str) -> Any:
+        return _payload_errors(lambda: self.service.admit(
+            api_key=api_key, model=model, model_known=model_known, prompt_tokens=prompt_tokens,
+            max_output_tokens=max_output_tokens, price=Price(**price), request_id=request_id))
+
+    def authenticate(self, api_key: str | None) -> Any:
+        def run() -> dict[str, Any]:
+            record = self.service.authenticate(api_key)
+            return {"tenant_id": record.tenant_id, "key_id": record.key_id,
+                    "can_confirm": record.can_confirm} if record else {
+                "tenant_id": "anonymous", "key_id": "anonymous", "can_confirm": False}
+        return _payload_errors(run)
+
+    async def settle(self, row: dict[str, Any]) -> Any:
+        return await _payload_errors_async(lambda: self.service.settle(UsageRow(**row)))
+
+    # ---------------------------------------------------------------- admin
+    def is_admin(self, token: str | None) -> bool:
+        return self.service.is_admin(token)
+
+    def create_key(self, tenant_id: str, fields: dict[str, Any]) -> Any:
+        return _payload_errors(lambda: self.service.create_key(tenant_id, **fields))
+
+    def list_keys(self, tenant_id: str | None) -> list[dict[str, Any]]:
+        return [k.public() for k in self.service.accounts.list(tenant_id)]
+
+    def get_key(self, key_id: str) -> Any:
+        return _payload_errors(lambda: _require(self.service.accounts.get(key_id), key_id).public())
+
+    def update_key(self, key_id: str, fields: dict[str, Any]) -> Any:
+        return _payload_errors(lambda: self.service.update_key(key_id, **fields))
+
+    def rotate_key(self, key_id: str, grace_s: float) -> Any:
+        return _payload_errors(lambda: self.service.rotate_key(key_id, grace_s))
+
+    def budget(self, key_id: str) -> Any:
+        return _payload_errors(lambda: self.service.budget_status(key_id))
+
+    def tenants(self) -> list[dict[str, Any]]:
+        return self.service.accounts.tenants()
+
+    def usage_summary(self, query: dict[str, Any]) -> Any:
+        return _payload_errors(lambda: self.service.ledger.summary(**query))
+
+    def usage_rows(self, query: dict[str, Any]) -> Any:
+        return _payload_errors(lambda: self.service.ledger.rows(**query))
+
+    def usage_row(self, request_id: str) -> dict[str, Any] | None:
+        return self.service.ledger.row(request_id)
+
+
+def _require(value: Any, key: str) -> Any:
+    if value is None:
+        raise KeyError(key)
+    return value

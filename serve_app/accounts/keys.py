@@ -1,0 +1,57 @@
+"""API key material: generation with a CSPRNG, storage as a keyed hash only, constant-time
+comparison. A key looks like `sk-<key id>_<secret>`; the key id is public (logs, admin API,
+lookups), the secret never leaves the response that created it."""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+
+KEY_PREFIX = "sk-"
+_KEY_RE = re.compile(r"^sk-([A-Za-z0-9]{12})_([A-Za-z0-9_-]{32,128})$")
+
+
+@dataclass(frozen=True)
+class NewKey:
+    key_id: str
+    secret: str  # the full key, shown once
+    key_hash: str
+
+
+def hash_key(full_key: str, pepper: bytes) -> str:
+    """HMAC-SHA256 with a server-side pepper: keys are 256-bit random, so a fast keyed hash
+    is the right tool (a slow password hash would only slow every request)."""
+    return hmac.new(pepper, full_key.encode(), hashlib.sha256).hexdigest()
+
+
+def generate_key(pepper: bytes, key_id: str | None = None) -> NewKey:
+    """A new key; with `key_id`, a new secret for an existing key (rotation)."""
+    key_id = key_id or "".join(
+        secrets.choice("ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789")
+        for _ in range(12))
+    full = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
+    return NewKey(key_id=key_id, secret=full, key_hash=hash_key(full, pepper))
+
+
+def parse_key_id(full_key: str) -> str | None:
+    match = _KEY_RE.match(full_key or "")
+    return match.group(1) if match else None
+
+
+def hashes_match(full_key: str, stored_hash: str | None, pepper: bytes) -> bool:
+    if not stored_hash:
+        return False
+    return hmac.compare_digest(hash_key(full_key, pepper), stored_hash)
+
+
+def bearer_token(authorization: str | None, x_api_key: str | None = None) -> str | None:
+    """`Authorization: Bearer <key>` (OpenAI SDK) or `x-api-key: <key>`."""
+    if authorization:
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    if x_api_key and x_api_key.strip():
+        return x_api_key.strip()
+    return None

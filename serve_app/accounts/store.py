@@ -1,0 +1,228 @@
+"""Tenants and API keys in SQLite (versioned migrations), with an in-memory index.
+
+Owned by the single Quota replica: every write goes through it, so its in-memory copy is
+never stale. Only key hashes are stored.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from serve_app.accounts.keys import NewKey, generate_key, hashes_match, parse_key_id
+from serve_app.sqlite_db import connect, migrate
+
+MIGRATIONS = [
+    """
+    CREATE TABLE tenants (
+        tenant_id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE api_keys (
+        key_id TEXT PRIMARY KEY,
+        tenant_id TEXT NOT NULL REFERENCES tenants(tenant_id),
+        name TEXT NOT NULL DEFAULT '',
+        key_hash TEXT NOT NULL,
+        previous_hash TEXT,
+        previous_valid_until REAL,
+        allowed_models TEXT,
+        rpm INTEGER,
+        tpm INTEGER,
+        budget_usd REAL,
+        budget_period TEXT NOT NULL DEFAULT 'month',
+        expires_at REAL,
+        disabled INTEGER NOT NULL DEFAULT 0,
+        can_confirm INTEGER NOT NULL DEFAULT 0,
+        alert_webhook_url TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX api_keys_tenant ON api_keys(tenant_id)
+    """,
+    """
+    ALTER TABLE api_keys ADD COLUMN route_overrides TEXT
+    """,
+]
+
+BudgetPeriod = Literal["day", "month"]
+EDITABLE_FIELDS = {"name", "allowed_models", "rpm", "tpm", "budget_usd", "budget_period",
+                   "expires_at", "disabled", "can_confirm", "alert_webhook_url",
+                   "route_overrides"}
+
+
+@dataclass
+class ApiKeyRecord:
+    key_id: str
+    tenant_id: str
+    name: str = ""
+    allowed_models: list[str] | None = None  # None: every model
+    rpm: int | None = None  # None: unlimited
+    tpm: int | None = None
+    budget_usd: float | None = None
+    budget_period: BudgetPeriod = "month"
+    expires_at: float | None = None
+    disabled: bool = False
+    can_confirm: bool = False
+    alert_webhook_url: str | None = None
+    route_overrides: dict[str, Any] = field(default_factory=dict)
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    key_hash: str = field(default="", repr=False)
+    previous_hash: str | None = field(default=None, repr=False)
+    previous_valid_until: float | None = None
+
+    def public(self) -> dict[str, Any]:
+        """What the admin API shows: never the hashes."""
+        data = asdict(self)
+        data.pop("key_hash")
+        data.pop("previous_hash")
+        return data
+
+    def allows_model(self, model: str) -> bool:
+        return self.allowed_models is None or model in self.allowed_models
+
+
+class AuthFailure(Exception):
+    def __init__(self, reason: Literal["missing", "unknown", "disabled", "expired"]) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class AccountStore:
+    def __init__(self, path: Path, pepper: bytes) -> None:
+        self.db = connect(path, synchronous="FULL")
+        migrate(self.db, MIGRATIONS)
+        self.pepper = pepper
+        self.keys: dict[str, ApiKeyRecord] = {}
+        for row in self.db.execute("SELECT * FROM api_keys"):
+            record = _record_from_row(row)
+            self.keys[record.key_id] = record
+
+    # ------------------------------------------------------------------ tenants
+    def ensure_tenant(self, tenant_id: str, name: str | None = None) -> None:
+        self.db.execute("INSERT OR IGNORE INTO tenants (tenant_id, name, created_at) "
+                        "VALUES (?, ?, ?)", (tenant_id, name or tenant_id, time.time()))
+
+    def tenants(self) -> list[dict[str, Any]]:
+        return [dict(row) for row in self.db.execute(
+            "SELECT tenant_id, name, created_at FROM tenants ORDER BY tenant_id")]
+
+    # ------------------------------------------------------------------ keys
+    def create_key(self, tenant_id: str, **fields: Any) -> tuple[ApiKeyRecord, NewKey]:
+        unknown = set(fields) - EDITABLE_FIELDS
+        if unknown:
+            raise ValueError(f"unknown key fields: {sorted(unknown)}")
+        self.ensure_tenant(tenant_id)
+        new = generate_key(self.pepper)
+        now = time.time()
+        record = ApiKeyRecord(key_id=new.key_id, tenant_id=tenant_id, key_hash=new.key_hash,
+                              created_at=now, updated_at=now, **fields)
+        self.db.execute(
+            "INSERT INTO api_keys (key_id, tenant_id, name, key_hash, allowed_models, rpm, tpm,"
+            " budget_usd, budget_period, expires_at, disabled, can_confirm, alert_webhook_url,"
+            " route_overrides, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (record.key_id, tenant_id, record.name, record.key_hash,
+             _json_or_none(record.allowed_models), record.rpm, record.tpm, record.budget_usd,
+             record.budget_period, record.expires_at, int(record.disabled),
+             int(record.can_confirm), record.alert_webhook_url,
+             json.dumps(record.route_overrides), now, now))
+        self.keys[record.key_id] = record
+        return record, new
+
+    def get(self, key_id: str) -> ApiKeyRecord | None:
+        return self.keys.get(key_id)
+
+    def list(self, tenant_id: str | None = None) -> list[ApiKeyRecord]:
+        return sorted((k for k in self.keys.values()
+                       if tenant_id is None or k.tenant_id == tenant_id),
+                      key=lambda k: k.created_at)
+
+    def update(self, key_id: str, **fields: Any) -> ApiKeyRecord:
+        record = self._require(key_id)
+        unknown = set(fields) - EDITABLE_FIELDS
+        if unknown:
+            raise ValueError(f"unknown key fields: {sorted(unknown)}")
+        for name, value in fields.items():
+            setattr(record, name, value)
+        record.updated_at = time.time()
+        self._save(record)
+        return record
+
+    def rotate(self, key_id: str, grace_s: float = 0.0) -> NewKey:
+        """A new secret for the same key (limits and spend carry over); the old secret keeps
+        working for `grace_s` seconds so clients can switch without downtime."""
+        record = self._require(key_id)
+        new = generate_key(self.pepper, key_id=key_id)
+        now = time.time()
+        record.previous_hash = record.key_hash if grace_s > 0 else None
+        record.previous_valid_until = now + grace_s if grace_s > 0 else None
+        record.key_hash = new.key_hash
+        record.updated_at = now
+        self._save(record)
+        return new
+
+    def authenticate(self, full_key: str | None, now: float | None = None) -> ApiKeyRecord:
+        if not full_key:
+            raise AuthFailure("missing")
+        now = time.time() if now is None else now
+        key_id = parse_key_id(full_key)
+        record = self.keys.get(key_id) if key_id else None
+        if record is None:
+            # Same work as a known key, so timing does not tell ids apart.
+            hashes_match(full_key, "0" * 64, self.pepper)
+            raise AuthFailure("unknown")
+        current = hashes_match(full_key, record.key_hash, self.pepper)
+        previous = (record.previous_hash is not None and record.previous_valid_until is not None
+                    and now < record.previous_valid_until
+                    and hashes_match(full_key, record.previous_hash, self.pepper))
+        if not (current or previous):
+            raise AuthFailure("unknown")
+        if record.disabled:
+            raise AuthFailure("disabled")
+        if record.expires_at is not None and now >= record.expires_at:
+            raise AuthFailure("expired")
+        return record
+
+    # ------------------------------------------------------------------ internals
+    def _require(self, key_id: str) -> ApiKeyRecord:
+        record = self.keys.get(key_id)
+        if record is None:
+            raise KeyError(key_id)
+        return record
+
+    def _save(self, record: ApiKeyRecord) -> None:
+        self.db.execute(
+            "UPDATE api_keys SET name=?, key_hash=?, previous_hash=?, previous_valid_until=?,"
+            " allowed_models=?, rpm=?, tpm=?, budget_usd=?, budget_period=?, expires_at=?,"
+            " disabled=?, can_confirm=?, alert_webhook_url=?, route_overrides=?, updated_at=?"
+            " WHERE key_id=?",
+            (record.name, record.key_hash, record.previous_hash, record.previous_valid_until,
+             _json_or_none(record.allowed_models), record.rpm, record.tpm, record.budget_usd,
+             record.budget_period, record.expires_at, int(record.disabled),
+             int(record.can_confirm), record.alert_webhook_url,
+             json.dumps(record.route_overrides), record.updated_at, record.key_id))
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _json_or_none(value: Any) -> str | None:
+    return None if value is None else json.dumps(value)
+
+
+def _record_from_row(row: Any) -> ApiKeyRecord:
+    return ApiKeyRecord(
+        key_id=row["key_id"], tenant_id=row["tenant_id"], name=row["name"],
+        key_hash=row["key_hash"], previous_hash=row["previous_hash"],
+        previous_valid_until=row["previous_valid_until"],
+        allowed_models=json.loads(row["allowed_models"]) if row["allowed_models"] else None,
+        rpm=row["rpm"], tpm=row["tpm"], budget_usd=row["budget_usd"],
+        budget_period=row["budget_period"], expires_at=row["expires_at"],
+        disabled=bool(row["disabled"]), can_confirm=bool(row["can_confirm"]),
+        alert_webhook_url=row["alert_webhook_url"],
+        route_overrides=json.loads(row["route_overrides"]) if row["route_overrides"] else {},
+        created_at=row["created_at"], updated_at=row["updated_at"])

@@ -1,0 +1,201 @@
+"""The usage ledger: one row per request, committed durably before the response.
+
+Concurrent appends are group-committed: rows that arrive while a commit is running wait
+for the next one, so each commit (an fsync with synchronous=FULL) covers many requests.
+`append` returns only after the row's transaction has committed. Inserts are idempotent
+by request id, so a retried settlement never double-counts.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from serve_app.sqlite_db import connect, migrate
+
+MIGRATIONS = [
+    """
+    CREATE TABLE usage (
+        request_id TEXT PRIMARY KEY,
+        ts REAL NOT NULL,
+        tenant_id TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        route TEXT NOT NULL,
+        model TEXT,
+        tier TEXT,
+        tokens_in INTEGER NOT NULL DEFAULT 0,
+        tokens_out INTEGER NOT NULL DEFAULT 0,
+        cost_usd REAL NOT NULL DEFAULT 0,
+        cache_hit INTEGER NOT NULL DEFAULT 0,
+        saved_usd REAL NOT NULL DEFAULT 0,
+        latency_ms REAL NOT NULL DEFAULT 0,
+        status INTEGER NOT NULL,
+        error_code TEXT,
+        fallback TEXT,
+        sources TEXT
+    );
+    CREATE INDEX usage_key_ts ON usage(key_id, ts);
+    CREATE INDEX usage_tenant_ts ON usage(tenant_id, ts);
+    CREATE INDEX usage_ts ON usage(ts);
+    CREATE TABLE budget_alerts (
+        key_id TEXT NOT NULL,
+        period_start REAL NOT NULL,
+        threshold REAL NOT NULL,
+        fired_at REAL NOT NULL,
+        PRIMARY KEY (key_id, period_start, threshold)
+    )
+    """,
+]
+
+GROUP_COLUMNS = {"key": "key_id", "tenant": "tenant_id", "model": "model", "tier": "tier",
+                 "route": "route"}
+
+
+@dataclass
+class UsageRow:
+    request_id: str
+    tenant_id: str
+    key_id: str
+    route: str
+    status: int
+    ts: float = field(default_factory=time.time)
+    model: str | None = None
+    tier: str | None = None
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost_usd: float = 0.0
+    cache_hit: bool = False
+    saved_usd: float = 0.0
+    latency_ms: float = 0.0
+    error_code: str | None = None
+    fallback: str | None = None
+    sources: list[str] | None = None
+
+    def values(self) -> tuple[Any, ...]:
+        data = asdict(self)
+        data["cache_hit"] = int(self.cache_hit)
+        data["sources"] = json.dumps(self.sources) if self.sources else None
+        return tuple(data[name] for name in _COLUMNS)
+
+
+_COLUMNS = [f.name for f in UsageRow.__dataclass_fields__.values()]  # type: ignore[attr-defined]
+_INSERT = (f"INSERT OR IGNORE INTO usage ({', '.join(_COLUMNS)}) "
+           f"VALUES ({', '.join('?' for _ in _COLUMNS)})")
+
+
+class UsageLedger:
+    def __init__(self, path: Path) -> None:
+        self.db = connect(path, synchronous="FULL")
+        migrate(self.db, MIGRATIONS)
+        self._lock = threading.Lock()  # one writer at a time on this connection
+        self._pending: list[tuple[UsageRow, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.commits = 0
+
+    # ------------------------------------------------------------------ writes
+    async def append(self, row: UsageRow) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((row, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_loop())
+        await future
+
+    async def _flush_loop(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                await asyncio.to_thread(self._commit, [row for row, _ in batch])
+            except Exception as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for _, future in batch:
+                if not future.done():
+                    future.set_result(None)
+
+    def _commit(self, rows: list[UsageRow]) -> None:
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.executemany(_INSERT, [row.values() for row in rows])
+                self.db.execute("COMMIT")
+            except Exception:
+                self.db.execute("ROLLBACK")
+                raise
+            self.commits += 1
+
+    def append_sync(self, row: UsageRow) -> None:
+        self._commit([row])
+
+    # ------------------------------------------------------------------ reads
+    def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(row) for row in self.db.execute(sql, params)]
+
+    def spent_since(self, key_id: str, since: float) -> float:
+        rows = self._read("SELECT COALESCE(SUM(cost_usd), 0) AS spent FROM usage "
+                          "WHERE key_id = ? AND ts >= ?", (key_id, since))
+        return float(rows[0]["spent"])
+
+    def row(self, request_id: str) -> dict[str, Any] | None:
+        rows = self._read("SELECT * FROM usage WHERE request_id = ?", (request_id,))
+        if not rows:
+            return None
+        return _decoded(rows[0])
+
+    def rows(self, *, start: float | None = None, end: float | None = None,
+             tenant_id: str | None = None, key_id: str | None = None,
+             limit: int = 1000) -> list[dict[str, Any]]:
+        where, params = _filters(start, end, tenant_id, key_id)
+        return [_decoded(r) for r in self._read(
+            f"SELECT * FROM usage {where} ORDER BY ts DESC LIMIT ?", (*params, limit))]
+
+    def summary(self, *, group_by: str = "key", start: float | None = None,
+                end: float | None = None, tenant_id: str | None = None,
+                key_id: str | None = None) -> list[dict[str, Any]]:
+        column = GROUP_COLUMNS.get(group_by)
+        if column is None:
+            raise ValueError(f"group_by must be one of {sorted(GROUP_COLUMNS)}")
+        where, params = _filters(start, end, tenant_id, key_id)
+        return self._read(
+            f"SELECT {column} AS {group_by}, COUNT(*) AS requests,"
+            " SUM(CASE WHEN status < 400 THEN 1 ELSE 0 END) AS succeeded,"
+            " SUM(tokens_in) AS tokens_in, SUM(tokens_out) AS tokens_out,"
+            " ROUND(SUM(cost_usd), 10) AS cost_usd, SUM(cache_hit) AS cache_hits,"
+            " ROUND(SUM(saved_usd), 10) AS saved_usd"
+            f" FROM usage {where} GROUP BY {column} ORDER BY cost_usd DESC", params)
+
+    # ------------------------------------------------------------------ alerts
+    def mark_alert(self, key_id: str, period_start: float, threshold: float) -> bool:
+        """True if this (key, period, threshold) had not fired before (now it has)."""
+        with self._lock:
+            cursor = self.db.execute(
+                "INSERT OR IGNORE INTO budget_alerts (key_id, period_start, threshold, fired_at)"
+                " VALUES (?, ?, ?, ?)", (key_id, period_start, threshold, time.time()))
+            return cursor.rowcount == 1
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.close()
+
+
+def _filters(start: float | None, end: float | None, tenant_id: str | None,
+             key_id: str | None) -> tuple[str, tuple[Any, ...]]:
+    clauses, params = [], []
+    for clause, value in (("ts >= ?", start), ("ts < ?", end), ("tenant_id = ?", tenant_id),
+                          ("key_id = ?", key_id)):
+        if value is not None:
+            clauses.append(clause)
+            params.append(value)
+    return ("WHERE " + " AND ".join(clauses)) if clauses else "", tuple(params)
+
+
+def _decoded(row: dict[str, Any]) -> dict[str, Any]:
+    row["cache_hit"] = bool(row["cache_hit"])
+    row["sources"] = json.loads(row["sources"]) if row.get("sources") else None
+    return row

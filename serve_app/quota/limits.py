@@ -1,0 +1,84 @@
+"""Sliding-window rate limits (pure). A window holds weighted events of the last
+`window_s` seconds: weight 1 per request for RPM, tokens for TPM. The check is exact:
+a burst gets exactly `limit` admissions, and capacity comes back as events age out."""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass
+class _Event:
+    at: float
+    weight: float
+    token: str
+
+
+class SlidingWindow:
+    def __init__(self, window_s: float = 60.0) -> None:
+        self.window_s = window_s
+        self.events: deque[_Event] = deque()
+        self._total = 0.0
+
+    def _expire(self, now: float) -> None:
+        while self.events and self.events[0].at <= now - self.window_s:
+            self._total -= self.events.popleft().weight
+
+    def total(self, now: float) -> float:
+        self._expire(now)
+        return self._total
+
+    def fits(self, now: float, weight: float, limit: float) -> bool:
+        return self.total(now) + weight <= limit
+
+    def retry_after(self, now: float, weight: float, limit: float) -> float:
+        """Seconds until `weight` more fits (inf if it never can)."""
+        if weight > limit:
+            return math.inf
+        self._expire(now)
+        excess = self._total + weight - limit
+        if excess <= 0:
+            return 0.0
+        freed = 0.0
+        for event in self.events:
+            freed += event.weight
+            if freed >= excess:
+                return max(0.0, event.at + self.window_s - now)
+        return self.window_s
+
+    def add(self, now: float, weight: float, token: str) -> None:
+        self.events.append(_Event(now, weight, token))
+        self._total += weight
+
+    def adjust(self, token: str, weight: float) -> None:
+        """Replace an estimate with the real weight (settlement); no-op once aged out."""
+        for event in self.events:
+            if event.token == token:
+                self._total += weight - event.weight
+                event.weight = weight
+                return
+
+
+class KeyLimiter:
+    """RPM and TPM windows of one key."""
+
+    def __init__(self, window_s: float = 60.0) -> None:
+        self.requests = SlidingWindow(window_s)
+        self.tokens = SlidingWindow(window_s)
+
+    def check(self, now: float, rpm: int | None, tpm: int | None,
+              tokens: int) -> tuple[str, float] | None:
+        """None if the request fits, else (which limit, retry-after seconds)."""
+        if rpm is not None and not self.requests.fits(now, 1, rpm):
+            return "rpm", self.requests.retry_after(now, 1, rpm)
+        if tpm is not None and not self.tokens.fits(now, tokens, tpm):
+            return "tpm", self.tokens.retry_after(now, tokens, tpm)
+        return None
+
+    def add(self, now: float, tokens: int, token: str) -> None:
+        self.requests.add(now, 1, token)
+        self.tokens.add(now, tokens, token)
+
+    def settle(self, token: str, actual_tokens: int) -> None:
+        self.tokens.adjust(token, actual_tokens)
