@@ -36,3 +36,31 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return float(ordered[index])
+
+
+BENCH_ADMIN_KEY = "bench-admin-key-" + "0" * 16
+
+
+def start_stack(stack_args: dict[str, Any] | None = None,
+                extra_stacks: dict[str, tuple[str, dict[str, Any]]] | None = None,
+                deployments: dict[str, dict[str, Any]] | None = None) -> tuple[Any, str]:
+    """A local cluster with the stack deployed on a free port, plus an API key for it.
+    The admin key reaches the replicas through the inherited environment."""
+    import os
+    import tempfile
+
+    import httpx
+
+    from serve_app.local_cluster import LocalStack
+
+    os.environ["LLMSTACK_ADMIN_KEY"] = BENCH_ADMIN_KEY
+    stack = LocalStack()
+    stack.start()
+    data_dir = Path(tempfile.mkdtemp(prefix="bench-"))
+    stack.deploy_stack(data_dir, stack_args or {}, deployments=deployments,
+                       extra_stacks=extra_stacks)
+    stack.data_dir = data_dir
+    response = httpx.post(f"{stack.base_url}/admin/v1/keys", json={"tenant_id": "bench"},
+                          headers={"authorization": f"Bearer {BENCH_ADMIN_KEY}"}, timeout=60)
+    response.raise_for_status()
+    return stack, response.json()["key"]

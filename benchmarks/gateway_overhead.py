@@ -11,11 +11,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import tempfile
 import time
-from pathlib import Path
 
-from benchmarks.common import median, write_result
+from benchmarks.common import median, start_stack, write_result
 
 PROMPT = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
 
@@ -62,28 +60,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--api-key", default=os.environ.get("LLMSTACK_BENCH_KEY", "none"))
     args = parser.parse_args()
 
     from openai import AsyncOpenAI
 
     from serve_app.llm.vllm_engine import VLLMChatEngine
-    from serve_app.local_cluster import LocalStack
     from serve_app.model_prep import ensure_default_model
     from serve_app.settings import PROJECT_ROOT, LocalLLMSettings
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    stack = LocalStack()
-    stack.start()
-    data_dir = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
-    stack.deploy_stack(data_dir, stack_args_for_benchmark())
+    stack, api_key = start_stack()
     settings = LocalLLMSettings()
     engine = VLLMChatEngine(settings, str(ensure_default_model(PROJECT_ROOT / "var")))
     engine.start()
 
     async def run() -> dict[str, list[dict[str, float]]]:
         results: dict[str, list[dict[str, float]]] = {"direct": [], "gateway": []}
-        async with AsyncOpenAI(base_url=f"{stack.base_url}/v1", api_key=args.api_key,
+        async with AsyncOpenAI(base_url=f"{stack.base_url}/v1", api_key=api_key,
                                max_retries=0, timeout=300) as client:
             # warm both paths
             await direct_round(engine, 8, -1)
@@ -121,11 +114,6 @@ def main() -> None:
     print(f"median gateway: {summary['gateway']}")
     print(f"ratios        : {ratios}")
     print(f"written to {path}")
-
-
-def stack_args_for_benchmark() -> dict:
-    """Stack settings for a benchmark run (extended as gateway features arrive)."""
-    return {}
 
 
 if __name__ == "__main__":

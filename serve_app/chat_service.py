@@ -18,6 +18,7 @@ from serve_app.errors import ApiError, is_error_payload
 from serve_app.handles import LLMClient
 from serve_app.protocol import ChatCompletionRequest
 from serve_app.quota.pricing import Price, estimate_prompt_tokens
+from serve_app.quota.service import ANONYMOUS
 from serve_app.request_context import RequestContext, redact_prompt
 from serve_app.sse import DONE, sse_error, sse_event
 
@@ -43,7 +44,7 @@ class ModelTarget:
 
 class ChatService:
     def __init__(self, *, targets: Callable[[], dict[str, ModelTarget]],
-                 accounting: Accounting, price_of: Callable[[str], Price],
+                 accounting: Accounting | None, price_of: Callable[[str], Price],
                  prompt_log_mode: str = "off",
                  on_tokens: Callable[[str, int, int], None] | None = None,
                  on_ttft: Callable[[str, float], None] | None = None) -> None:
@@ -61,6 +62,13 @@ class ChatService:
         started = time.perf_counter()
         estimate = estimate_prompt_tokens(texts)
         ctx.extra["prompt_tokens_estimate"] = estimate
+        if self.accounting is None:  # gateway features off: anonymous, nothing recorded
+            if not model_known:
+                raise ApiError(404, f"The model '{model}' does not exist.",
+                               code="model_not_found", param="model")
+            ctx.tenant = ANONYMOUS
+            return {"tenant_id": ANONYMOUS, "key_id": ANONYMOUS, "can_confirm": False,
+                    "route_overrides": {}}
         admission = await self.accounting.admit(
             api_key=api_key, model=model, model_known=model_known,
             prompt_tokens=estimate, max_output_tokens=max_output_tokens,
@@ -73,7 +81,7 @@ class ChatService:
 
     async def record(self, ctx: RequestContext, status: int) -> None:
         """Write the usage row; returns only once it is committed."""
-        if ctx.key_id is None:
+        if ctx.key_id is None or self.accounting is None:
             return
         ctx.status = status
         started = time.perf_counter()

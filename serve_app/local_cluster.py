@@ -58,10 +58,19 @@ class LocalStack:
 
     def deploy_stack(self, data_dir: Path, args: dict[str, Any] | None = None,
                      deployments: dict[str, dict[str, Any]] | None = None,
-                     extra_env: dict[str, str] | None = None) -> None:
-        """(Re)deploy the stack app with overrides; the models app stays as it is."""
+                     extra_env: dict[str, str] | None = None,
+                     extra_stacks: dict[str, tuple[str, dict[str, Any]]] | None = None) -> None:
+        """(Re)deploy the stack app with overrides; the models app stays as it is.
+        `extra_stacks` adds more stack apps {name: (route_prefix, args overrides)} beside it
+        (benchmarks compare two configurations side by side this way)."""
         config = copy.deepcopy(self.base_config)
         stack = app_config(config, "stack")
+        for name, (prefix, overrides) in (extra_stacks or {}).items():
+            extra = copy.deepcopy(stack)
+            extra.update(name=name, route_prefix=prefix)
+            extra["args"] = deep_merge(extra["args"], {"data_dir": str(data_dir / name),
+                                                       **overrides})
+            config["applications"].append(extra)
         stack["args"] = deep_merge(stack["args"], {"data_dir": str(data_dir), **(args or {})})
         if extra_env:
             stack.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(extra_env)

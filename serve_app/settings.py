@@ -79,6 +79,9 @@ class GatewaySettings(StrictModel):
 
 
 class QuotaSettings(StrictModel):
+    enabled: bool = Field(
+        True, description="Off: no keys, limits, budgets or ledger at all (benchmark baseline "
+        "and trusted internal deployments); every request runs as tenant 'anonymous'.")
     auth_required: bool = Field(
         True, description="Every /v1 request needs an API key. Off: requests without a key "
         "run as tenant 'anonymous' with no limits (a key, if sent, is still checked).")

@@ -27,12 +27,13 @@ class Gateway(OpenAIRoutes, AdminRoutes):
         self.llm = LazyHandle("LocalLLM", models_app)
         self.embedder = LazyHandle("Embedder", models_app)
         self.quota = QuotaClient(quota, settle_retry_s=self.settings.quota.settle_retry_s)
+        self.accounting = self.quota if self.settings.quota.enabled else None
         self.metrics = serve_metrics()
         self.request_log = RequestLogger(self.settings.data_dir / "logs")
         self._model_info: dict[str, dict[str, Any]] = {}
         self.chat = ChatService(
             targets=self._targets,
-            accounting=self.quota,
+            accounting=self.accounting,
             price_of=self.settings.price_of,
             prompt_log_mode=self.settings.gateway.log_prompts,
             on_tokens=self._count_tokens,
@@ -57,6 +58,8 @@ class Gateway(OpenAIRoutes, AdminRoutes):
         return {name: ModelTarget(name=name, client=client)}
 
     async def authenticate(self, request: Request) -> dict[str, Any]:
+        if self.accounting is None:
+            return {"tenant_id": "anonymous", "key_id": "anonymous", "can_confirm": False}
         principal = await self.quota.call("authenticate", api_key_of(request))
         context = context_of(request)
         context.tenant = principal["tenant_id"]
