@@ -59,6 +59,30 @@ def start_ray(num_cpus: int | None, dashboard: bool = True) -> None:
              log_to_driver=os.environ.get("LLMSTACK_LOG_TO_DRIVER", "1") == "1")
 
 
+def shutdown_cluster() -> None:
+    """Stop Serve and the local Ray cluster this process started, then anything they left.
+
+    vLLM's engine processes are grandchildren of a replica; when Serve has to kill a replica
+    hard they can outlive it (seen here: 3.7 GB orphans), so every process below this one
+    is collected first and killed if still alive once Ray is down."""
+    import psutil
+    import ray
+    from ray import serve
+
+    descendants = psutil.Process().children(recursive=True)
+    try:
+        if ray.is_initialized():
+            serve.shutdown()
+    finally:
+        ray.shutdown()
+        _, alive = psutil.wait_procs(descendants, timeout=15)
+        for process in alive:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
 def deploy(config: dict[str, Any], *, wait_s: float = 600.0) -> None:
     """Deploy every application of a Serve config (the same path as `serve run`)."""
     from ray.serve._private import api as serve_api
@@ -110,13 +134,9 @@ def main() -> None:
     prepare_models(config)
     start_ray(args.num_cpus)
 
-    import ray
-    from ray import serve
-
     def stop(*_: Any) -> None:
         logger.info("shutting down")
-        serve.shutdown()
-        ray.shutdown()
+        shutdown_cluster()
         sys.exit(0)
 
     signal.signal(signal.SIGTERM, stop)
@@ -131,8 +151,7 @@ def main() -> None:
         stop()
     except Exception:
         logger.exception("deployment failed")
-        serve.shutdown()
-        ray.shutdown()
+        shutdown_cluster()
         sys.exit(1)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from serve_app.launch import app_config, deploy, load_config, start_ray
+from serve_app.launch import app_config, deploy, load_config, shutdown_cluster, start_ray
 from serve_app.settings import PROJECT_ROOT
 
 LOCAL_CONFIG = PROJECT_ROOT / "configs" / "local.yaml"
@@ -100,10 +100,4 @@ class LocalStack:
         raise TimeoutError(f"stack not ready: {last}")
 
     def shutdown(self) -> None:
-        import ray
-        from ray import serve
-
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+        shutdown_cluster()

@@ -13,6 +13,7 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
+from serve_app.completions import completion_as_chunks
 from serve_app.errors import ApiError
 from serve_app.llm.sampling import GenerationPlan, finish_reason, plan_generation
 from serve_app.llm.tool_calls import ToolCallFormat
@@ -158,7 +159,7 @@ class VLLMChatEngine:
         if tools is not None:
             # Tool calls must be parsed whole; run to the end and emit it as chunks.
             result = await self.chat(request, request_id)
-            for chunk in _completion_as_chunks(result):
+            for chunk in completion_as_chunks(result):
                 yield chunk
             return
         completion_id = f"chatcmpl-{request_id}"
@@ -238,21 +239,3 @@ def _structured_from_response_format(fmt: dict[str, Any], params_cls: Any) -> An
     if kind in (None, "text"):
         return None
     raise ApiError(400, f"unsupported response_format type {kind!r}", param="response_format")
-
-
-def _completion_as_chunks(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """A finished completion (or error payload) as the chunks of a stream."""
-    if result.get("__error__"):
-        return [result]
-    choice = result["choices"][0]
-    base = {"id": result["id"], "object": "chat.completion.chunk",
-            "created": result["created"], "model": result["model"]}
-    message = dict(choice["message"])
-    if message.get("tool_calls"):
-        message["tool_calls"] = [dict(call, index=i)
-                                 for i, call in enumerate(message["tool_calls"])]
-    first = {**base, "choices": [{"index": 0, "delta": message, "finish_reason": None}]}
-    last = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}]}
-    usage = {**base, "choices": [], "usage": result["usage"]}
-    return [first, last, usage]
-

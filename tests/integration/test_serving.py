@@ -291,7 +291,9 @@ def test_engine_failure_is_503_then_the_replica_recovers(stack, client, http):
                if "EngineCore" in (p.info["name"] or "") or
                any("EngineCore" in part for part in (p.info["cmdline"] or []))]
     assert engines, "no vLLM EngineCore process found"
-    for process in engines:
+    for process in engines:  # the whole engine tree, as a crash would take it
+        for child in process.children(recursive=True):
+            child.kill()
         process.kill()
     time.sleep(1)
     response = http.post("/v1/chat/completions",
