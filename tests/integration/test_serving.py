@@ -287,9 +287,9 @@ def test_metrics_reach_the_prometheus_endpoint(stack, client):
 
 # ---------------------------------------------------------------------------- engine failure (last)
 def test_engine_failure_is_503_then_the_replica_recovers(stack, client, http):
-    engines = [p for p in psutil.process_iter(["name", "cmdline"])
-               if "EngineCore" in (p.info["name"] or "") or
-               any("EngineCore" in part for part in (p.info["cmdline"] or []))]
+    # Only the engines of this test's Ray cluster (descendants of this process).
+    engines = [p for p in psutil.Process().children(recursive=True)
+               if "EngineCore" in p.name() or any("EngineCore" in a for a in p.cmdline())]
     assert engines, "no vLLM EngineCore process found"
     for process in engines:  # the whole engine tree, as a crash would take it
         for child in process.children(recursive=True):
