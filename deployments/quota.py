@@ -48,8 +48,11 @@ class _MetricEvents:
     def settled(self, row: UsageRow, remaining_budget: float | None) -> None:
         tags = {"tenant": row.tenant_id, "key_id": row.key_id}
         self.requests.inc(tags={**tags, "status": str(row.status)})
-        self.tokens.inc(row.tokens_in, tags={**tags, "direction": "input"})
-        self.tokens.inc(row.tokens_out, tags={**tags, "direction": "output"})
+        # Ray counters refuse an increment of 0 (a cache hit has no tokens).
+        if row.tokens_in:
+            self.tokens.inc(row.tokens_in, tags={**tags, "direction": "input"})
+        if row.tokens_out:
+            self.tokens.inc(row.tokens_out, tags={**tags, "direction": "output"})
         if row.cost_usd:
             self.cost.inc(row.cost_usd, tags={**tags, "model": row.model or ""})
         if remaining_budget is not None:

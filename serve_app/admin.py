@@ -60,8 +60,9 @@ def _key_fields(args: argparse.Namespace) -> dict[str, Any]:
         fields["budget_period"] = args.period
     if getattr(args, "models", None):
         fields["allowed_models"] = [m for m in args.models.split(",") if m]
-    if getattr(args, "can_confirm", None) is not None:
-        fields["can_confirm"] = args.can_confirm
+    for flag in ("can_confirm", "cache_sampled"):
+        if getattr(args, flag, None) is not None:
+            fields[flag] = getattr(args, flag)
     for name in getattr(args, "clear", None) or []:
         fields[name] = None
     return fields
@@ -77,6 +78,8 @@ def _add_key_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expires-at", help="epoch seconds or ISO 8601")
     parser.add_argument("--webhook", dest="alert_webhook_url")
     parser.add_argument("--can-confirm", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--cache-sampled", action=argparse.BooleanOptionalAction, default=None,
+                        help="cache answers sampled with temperature > 0")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,6 +33,8 @@ class KeyFields(_Strict):
     expires_at: float | str | None = Field(None, description="Epoch seconds or ISO 8601.")
     can_confirm: bool | None = Field(None, description="May approve agent tool calls.")
     alert_webhook_url: str | None = None
+    cache_sampled: bool | None = Field(
+        None, description="Cache answers sampled with temperature > 0 for this key.")
     route_overrides: dict[str, Any] | None = Field(
         None, description="Per-key router policy overrides, e.g. thresholds.")
 

@@ -9,11 +9,20 @@ proper status code instead of a broken stream.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from serve_app.cache.config import CacheSettings
+from serve_app.cache.policy import CacheDecision, plan_cache
+from serve_app.cache.replay import (
+    cached_completion,
+    completion_chunks,
+    completion_from_chunks,
+    estimated_saving_usd,
+)
 from serve_app.errors import ApiError, is_error_payload
 from serve_app.handles import LLMClient
 from serve_app.protocol import ChatCompletionRequest
@@ -23,10 +32,36 @@ from serve_app.request_context import RequestContext, redact_prompt
 from serve_app.sse import DONE, sse_error, sse_event
 
 
+logger = logging.getLogger(__name__)
+
+
 class Accounting(Protocol):
     async def admit(self, **kwargs: Any) -> dict[str, Any]: ...
 
     async def settle(self, row: dict[str, Any]) -> None: ...
+
+
+class CachePort(Protocol):
+    async def lookup(self, tenant: str, decision: dict[str, Any],
+                     vector: list[float] | None) -> dict[str, Any]: ...
+
+    def store(self, tenant: str, decision: dict[str, Any], vector: list[float] | None,
+              completion: dict[str, Any], source_ids: list[str] | None,
+              tier: str | None) -> None: ...
+
+    def record_saving(self, usd: float, model: str) -> None: ...
+
+
+Embed = Callable[[list[str]], Awaitable[list[list[float]]]]
+
+
+@dataclass
+class CacheStep:
+    """The cache's part in one request: the decision and the query vector (reused)."""
+
+    decision: CacheDecision
+    vector: list[float] | None = None
+    similarity: float | None = None
 
 
 @dataclass
@@ -45,11 +80,17 @@ class ModelTarget:
 class ChatService:
     def __init__(self, *, targets: Callable[[], dict[str, ModelTarget]],
                  accounting: Accounting | None, price_of: Callable[[str], Price],
+                 cache: CachePort | None = None,
+                 cache_settings: CacheSettings | None = None,
+                 embed: Embed | None = None,
                  prompt_log_mode: str = "off",
                  on_tokens: Callable[[str, int, int], None] | None = None,
                  on_ttft: Callable[[str, float], None] | None = None) -> None:
         self.targets = targets
         self.accounting = accounting
+        self.cache = cache if cache_settings is None or cache_settings.enabled else None
+        self.cache_settings = cache_settings or CacheSettings(enabled=False)
+        self.embed = embed
         self.price_of = price_of
         self.prompt_log_mode = prompt_log_mode
         self.on_tokens = on_tokens or (lambda model, tokens_in, tokens_out: None)
@@ -106,28 +147,127 @@ class ChatService:
         return target
 
     async def handle(self, request: ChatCompletionRequest, ctx: RequestContext,
-                     api_key: str | None) -> ChatOutcome:
+                     api_key: str | None, headers: Mapping[str, str] | None = None
+                     ) -> ChatOutcome:
         ctx.stream = request.stream
         texts = [m.text() for m in request.messages]
         ctx.prompt = redact_prompt("\n".join(texts), self.prompt_log_mode)  # type: ignore[arg-type]
+        raw = request.model_dump()
         known = request.model in self.targets()
-        await self.admit(ctx, api_key=api_key, model=request.model, model_known=known,
-                         texts=texts, max_output_tokens=request.output_token_limit(),
-                         price=self.price_of(request.model))
+        principal = await self.admit(ctx, api_key=api_key, model=request.model,
+                                     model_known=known, texts=texts,
+                                     max_output_tokens=request.output_token_limit(),
+                                     price=self.price_of(request.model))
         try:
             target = self.resolve(request.model)
-            ctx.model = target.name
-            outcome = await self._generate(request, ctx, target)
+            cache = await self._cache_lookup(raw, headers or {}, principal, ctx)
+            assert cache is not None or ctx.cache != "hit"
+            if ctx.cache == "hit":
+                outcome = self._serve_hit(request, ctx, cache)
+            else:
+                ctx.model = target.name
+                outcome = await self._generate(request, ctx, target, cache)
         except ApiError as error:
             ctx.error_code = error.code
+            ctx.tokens_in = ctx.tokens_out = 0
+            ctx.cost_usd = 0.0
             await self.record(ctx, error.status)
             raise
+        outcome.headers.update(self._cache_headers(ctx, cache))
         if outcome.stream is None:
             await self.record(ctx, 200)
+            if cache is not None and ctx.cache != "hit" and outcome.body is not None:
+                self._store(ctx, cache, outcome.body)
         return outcome
 
+    # ------------------------------------------------------------------ cache
+    async def _cache_lookup(self, raw: dict[str, Any], headers: Mapping[str, str],
+                            principal: dict[str, Any], ctx: RequestContext) -> CacheStep | None:
+        if self.cache is None:
+            return None
+        decision = plan_cache(raw, headers, self.cache_settings,
+                              allow_sampled=bool(principal.get("cache_sampled")))
+        if not decision.cacheable:
+            ctx.cache = "bypass"
+            ctx.extra["cache_reason"] = decision.reason
+            return None
+        step = CacheStep(decision=decision)
+        if decision.semantic and self.embed is not None:
+            started = time.perf_counter()
+            try:
+                step.vector = (await self.embed([decision.query_text]))[0]
+            except ApiError:
+                step.vector = None  # exact matches still work without the embedder
+            ctx.stage("embed", started)
+        if not decision.lookup:  # no_cache: skip the lookup, still refresh the entry
+            ctx.cache = "bypass"
+            ctx.extra["cache_reason"] = decision.reason
+            return step
+        started = time.perf_counter()
+        result = await self.cache.lookup(ctx.tenant or "", decision.to_dict(), step.vector)
+        ctx.stage("cache_lookup", started)
+        if is_error_payload(result):
+            ctx.cache = "miss"  # a broken cache must not break the request
+            return step
+        step.similarity = result.get("similarity")
+        if result.get("hit"):
+            ctx.cache = "hit"
+            ctx.extra["cache_hit"] = result
+        else:
+            ctx.cache = "miss"
+            ctx.extra["cache_reason"] = result.get("reason")
+        return step
+
+    def _serve_hit(self, request: ChatCompletionRequest, ctx: RequestContext,
+                   cache: CacheStep) -> ChatOutcome:
+        hit = ctx.extra.pop("cache_hit")
+        ctx.extra["cache_entry"] = hit.get("entry_id")
+        model = hit.get("model") or request.model
+        ctx.model = model
+        ctx.tier = hit.get("tier")
+        ctx.tokens_in = ctx.tokens_out = 0
+        ctx.cost_usd = 0.0
+        price = self.price_of(model)
+        saved = estimated_saving_usd(hit.get("usage"), price.input_per_mtok,
+                                     price.output_per_mtok)
+        ctx.extra["saved_usd"] = saved
+        if saved and self.cache is not None:
+            self.cache.record_saving(saved, model)
+        headers = {"x-model": model}
+        if hit.get("tier"):
+            headers["x-route-tier"] = hit["tier"]
+        if not request.stream:
+            return ChatOutcome(headers=headers, body=cached_completion(hit["completion"]))
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        chunks = completion_chunks(hit["completion"], include_usage=include_usage)
+        return ChatOutcome(headers=headers, stream=self._replay(chunks, ctx))
+
+    async def _replay(self, chunks: list[dict[str, Any]],
+                      ctx: RequestContext) -> AsyncIterator[bytes]:
+        ctx.ttft_ms = round((time.perf_counter() - ctx.started) * 1000, 2)
+        for chunk in chunks:
+            yield sse_event(chunk)
+        await self.record(ctx, 200)
+        yield DONE
+
+    def _cache_headers(self, ctx: RequestContext, cache: CacheStep | None) -> dict[str, str]:
+        headers = {"x-cache": ctx.cache or "bypass"}
+        if cache is not None and cache.similarity is not None:
+            headers["x-cache-similarity"] = f"{cache.similarity:.4f}"
+        if ctx.extra.get("cache_entry"):
+            headers["x-cache-entry"] = str(ctx.extra["cache_entry"])
+        if ctx.extra.get("cache_reason"):
+            headers["x-cache-reason"] = str(ctx.extra["cache_reason"])
+        return headers
+
+    def _store(self, ctx: RequestContext, cache: CacheStep, body: dict[str, Any]) -> None:
+        if not cache.decision.store or self.cache is None:
+            return
+        self.cache.store(ctx.tenant or "", cache.decision.to_dict(), cache.vector, body,
+                         ctx.extra.get("sources"), ctx.tier)
+
     async def _generate(self, request: ChatCompletionRequest, ctx: RequestContext,
-                        target: ModelTarget) -> ChatOutcome:
+                        target: ModelTarget, cache: CacheStep | None = None) -> ChatOutcome:
         payload = request.model_dump(exclude_none=True)
         headers = {"x-model": target.name}
         if not request.stream:
@@ -142,11 +282,13 @@ class ChatService:
         if is_error_payload(first):
             raise ApiError.from_payload(first)
         return ChatOutcome(headers=headers,
-                           stream=self._sse(first, chunks, ctx, include_usage))
+                           stream=self._sse(first, chunks, ctx, include_usage, cache))
 
     async def _sse(self, first: dict[str, Any], chunks: AsyncIterator[dict[str, Any]],
-                   ctx: RequestContext, include_usage: bool) -> AsyncIterator[bytes]:
+                   ctx: RequestContext, include_usage: bool,
+                   cache: CacheStep | None = None) -> AsyncIterator[bytes]:
         started = time.perf_counter()
+        collected: list[dict[str, Any]] = []
         content_chunks = 0
         usage_seen = False
         failed: ApiError | None = None
@@ -166,6 +308,8 @@ class ChatService:
                     if ctx.ttft_ms is None:
                         ctx.ttft_ms = round((time.perf_counter() - ctx.started) * 1000, 2)
                         self.on_ttft(ctx.model or "", ctx.ttft_ms / 1000)
+                if cache is not None:
+                    collected.append(chunk)
                 if chunk.get("usage") is not None:
                     usage_seen = True
                     self._account(ctx, chunk["usage"])
@@ -192,6 +336,10 @@ class ChatService:
             failed = failed or error
         if failed is not None:
             yield sse_error(failed.status, failed.message, failed.code)
+        elif cache is not None:
+            body = completion_from_chunks(collected)
+            if body is not None:
+                self._store(ctx, cache, body)
         yield DONE
 
     async def _record_quietly(self, ctx: RequestContext, status: int) -> None:

@@ -6,10 +6,13 @@ config file deploy concurrently and the stack may come up first.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from serve_app.errors import ApiError, is_error_payload
+
+logger = logging.getLogger(__name__)
 
 
 class LLMClient(Protocol):
@@ -137,3 +140,62 @@ class QuotaClient:
                                    code="usage_not_recorded") from error
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+
+class BackgroundCalls:
+    """Fire-and-forget handle calls that are still awaited (and logged on failure), so
+    they are neither garbage-collected mid-flight nor silently lost."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def submit(self, name: str, response: Any) -> None:
+        async def wait() -> None:
+            try:
+                result = await response
+                if is_error_payload(result):
+                    logger.warning("%s failed: %s", name, result.get("message"))
+            except Exception:
+                logger.warning("%s failed", name, exc_info=True)
+
+        task = asyncio.ensure_future(wait())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+
+class CacheClient:
+    """The cache port over the SemanticCache deployment. A failing cache is a miss."""
+
+    def __init__(self, handle: Any, timeout_s: float = 10.0) -> None:
+        self.handle = handle
+        self.timeout_s = timeout_s
+        self.background = BackgroundCalls()
+
+    async def lookup(self, tenant: str, decision: dict[str, Any],
+                     vector: list[float] | None) -> dict[str, Any]:
+        response = self.handle.lookup.remote(tenant, decision, vector)
+        try:
+            return await asyncio.wait_for(_await(response), self.timeout_s)
+        except Exception:
+            logger.warning("cache lookup failed; serving as a miss", exc_info=True)
+            return ApiError(503, "cache unavailable", code="cache_unavailable").to_payload()
+
+    def store(self, tenant: str, decision: dict[str, Any], vector: list[float] | None,
+              completion: dict[str, Any], source_ids: list[str] | None,
+              tier: str | None) -> None:
+        self.background.submit("cache store", self.handle.store.remote(
+            tenant, decision, vector, completion, source_ids, tier))
+
+    def record_saving(self, usd: float, model: str) -> None:
+        self.background.submit("cache saving", self.handle.record_saving.remote(usd, model))
+
+    async def call(self, method: str, *args: Any) -> Any:
+        response = getattr(self.handle, method).remote(*args)
+        try:
+            result = await asyncio.wait_for(_await(response), 60)
+        except Exception as exc:
+            raise ApiError(503, "The semantic cache is unavailable.",
+                           code="cache_unavailable") from exc
+        if is_error_payload(result):
+            raise ApiError.from_payload(result)
+        return result

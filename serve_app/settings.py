@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from serve_app.cache.config import CacheSettings
 from serve_app.quota.pricing import Price
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -124,6 +125,7 @@ class StackAppSettings(StrictModel):
     )
     gateway: GatewaySettings = GatewaySettings()
     quota: QuotaSettings = QuotaSettings()
+    cache: CacheSettings = CacheSettings()
     prices: dict[str, Price] = Field(
         default_factory=dict,
         description="USD per million input/output tokens by model name (the local model's "

@@ -8,10 +8,11 @@ from fastapi import Request
 from ray import serve
 
 from deployments.gateway.admin_routes import AdminRoutes
+from deployments.gateway.cache_routes import CacheRoutes
 from deployments.gateway.fastapi_app import api_key_of, app
 from deployments.gateway.openai_routes import OpenAIRoutes
 from serve_app.chat_service import ChatService, ModelTarget
-from serve_app.handles import LazyHandle, LocalLLMClient, QuotaClient
+from serve_app.handles import CacheClient, LazyHandle, LocalLLMClient, QuotaClient
 from serve_app.http_edge import context_of, register_edge_hooks
 from serve_app.metrics import serve_metrics
 from serve_app.request_context import RequestContext, RequestLogger
@@ -20,14 +21,15 @@ from serve_app.settings import StackAppSettings
 
 @serve.deployment(name="Gateway", max_ongoing_requests=128)
 @serve.ingress(app)
-class Gateway(OpenAIRoutes, AdminRoutes):
-    def __init__(self, settings: dict[str, Any], quota: Any) -> None:
+class Gateway(OpenAIRoutes, AdminRoutes, CacheRoutes):
+    def __init__(self, settings: dict[str, Any], quota: Any, cache: Any) -> None:
         self.settings = StackAppSettings.model_validate(settings)
         models_app = self.settings.models_app
         self.llm = LazyHandle("LocalLLM", models_app)
         self.embedder = LazyHandle("Embedder", models_app)
         self.quota = QuotaClient(quota, settle_retry_s=self.settings.quota.settle_retry_s)
         self.accounting = self.quota if self.settings.quota.enabled else None
+        self.cache = CacheClient(cache)
         self.metrics = serve_metrics()
         self.request_log = RequestLogger(self.settings.data_dir / "logs")
         self._model_info: dict[str, dict[str, Any]] = {}
@@ -35,6 +37,9 @@ class Gateway(OpenAIRoutes, AdminRoutes):
             targets=self._targets,
             accounting=self.accounting,
             price_of=self.settings.price_of,
+            cache=self.cache,
+            cache_settings=self.settings.cache,
+            embed=self.embed,
             prompt_log_mode=self.settings.gateway.log_prompts,
             on_tokens=self._count_tokens,
             on_ttft=lambda model, s: self.metrics.ttft.observe(
@@ -57,6 +62,10 @@ class Gateway(OpenAIRoutes, AdminRoutes):
         client = LocalLLMClient(self.llm, self.settings.gateway.request_timeout_s)
         return {name: ModelTarget(name=name, client=client)}
 
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        return await self.embedder.call("embed", texts,
+                                        timeout_s=self.settings.gateway.request_timeout_s)
+
     async def authenticate(self, request: Request) -> dict[str, Any]:
         if self.accounting is None:
             return {"tenant_id": "anonymous", "key_id": "anonymous", "can_confirm": False}
@@ -67,10 +76,10 @@ class Gateway(OpenAIRoutes, AdminRoutes):
         return principal
 
     def _count_tokens(self, model: str, tokens_in: int, tokens_out: int) -> None:
-        self.metrics.tokens.inc(tokens_in, tags={"gen_ai_request_model": model,
-                                                 "gen_ai_token_type": "input"})
-        self.metrics.tokens.inc(tokens_out, tags={"gen_ai_request_model": model,
-                                                  "gen_ai_token_type": "output"})
+        for kind, count in (("input", tokens_in), ("output", tokens_out)):
+            if count > 0:  # Ray counters refuse an increment of 0
+                self.metrics.tokens.inc(count, tags={"gen_ai_request_model": model,
+                                                     "gen_ai_token_type": kind})
 
     def finish_request(self, context: RequestContext) -> None:
         route = context.route if context.route.startswith(("/v1/", "/admin/")) else "other"

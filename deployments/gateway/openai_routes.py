@@ -43,7 +43,8 @@ class OpenAIRoutes:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         await self.models()
-        outcome = await self.chat.handle(body, context_of(request), api_key_of(request))
+        outcome = await self.chat.handle(body, context_of(request), api_key_of(request),
+                                         request.headers)
         if outcome.stream is not None:
             return StreamingResponse(outcome.stream, media_type="text/event-stream",
                                      headers={**outcome.headers, "cache-control": "no-cache"})

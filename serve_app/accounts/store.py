@@ -45,12 +45,15 @@ MIGRATIONS = [
     """
     ALTER TABLE api_keys ADD COLUMN route_overrides TEXT
     """,
+    """
+    ALTER TABLE api_keys ADD COLUMN cache_sampled INTEGER NOT NULL DEFAULT 0
+    """,
 ]
 
 BudgetPeriod = Literal["day", "month"]
 EDITABLE_FIELDS = {"name", "allowed_models", "rpm", "tpm", "budget_usd", "budget_period",
                    "expires_at", "disabled", "can_confirm", "alert_webhook_url",
-                   "route_overrides"}
+                   "route_overrides", "cache_sampled"}
 
 
 @dataclass
@@ -68,6 +71,7 @@ class ApiKeyRecord:
     can_confirm: bool = False
     alert_webhook_url: str | None = None
     route_overrides: dict[str, Any] = field(default_factory=dict)
+    cache_sampled: bool = False  # answers sampled with temperature > 0 may be cached
     created_at: float = 0.0
     updated_at: float = 0.0
     key_hash: str = field(default="", repr=False)
@@ -123,13 +127,13 @@ class AccountStore:
         self.db.execute(
             "INSERT INTO api_keys (key_id, tenant_id, name, key_hash, allowed_models, rpm, tpm,"
             " budget_usd, budget_period, expires_at, disabled, can_confirm, alert_webhook_url,"
-            " route_overrides, created_at, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " route_overrides, cache_sampled, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (record.key_id, tenant_id, record.name, record.key_hash,
              _json_or_none(record.allowed_models), record.rpm, record.tpm, record.budget_usd,
              record.budget_period, record.expires_at, int(record.disabled),
              int(record.can_confirm), record.alert_webhook_url,
-             json.dumps(record.route_overrides), now, now))
+             json.dumps(record.route_overrides), int(record.cache_sampled), now, now))
         self.keys[record.key_id] = record
         return record, new
 
@@ -198,13 +202,14 @@ class AccountStore:
         self.db.execute(
             "UPDATE api_keys SET name=?, key_hash=?, previous_hash=?, previous_valid_until=?,"
             " allowed_models=?, rpm=?, tpm=?, budget_usd=?, budget_period=?, expires_at=?,"
-            " disabled=?, can_confirm=?, alert_webhook_url=?, route_overrides=?, updated_at=?"
-            " WHERE key_id=?",
+            " disabled=?, can_confirm=?, alert_webhook_url=?, route_overrides=?, cache_sampled=?,"
+            " updated_at=? WHERE key_id=?",
             (record.name, record.key_hash, record.previous_hash, record.previous_valid_until,
              _json_or_none(record.allowed_models), record.rpm, record.tpm, record.budget_usd,
              record.budget_period, record.expires_at, int(record.disabled),
              int(record.can_confirm), record.alert_webhook_url,
-             json.dumps(record.route_overrides), record.updated_at, record.key_id))
+             json.dumps(record.route_overrides), int(record.cache_sampled), record.updated_at,
+             record.key_id))
 
     def close(self) -> None:
         self.db.close()
@@ -225,4 +230,5 @@ def _record_from_row(row: Any) -> ApiKeyRecord:
         disabled=bool(row["disabled"]), can_confirm=bool(row["can_confirm"]),
         alert_webhook_url=row["alert_webhook_url"],
         route_overrides=json.loads(row["route_overrides"]) if row["route_overrides"] else {},
+        cache_sampled=bool(row["cache_sampled"]),
         created_at=row["created_at"], updated_at=row["updated_at"])

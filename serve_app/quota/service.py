@@ -212,12 +212,13 @@ class QuotaService:
 
 def _principal(record: ApiKeyRecord) -> dict[str, Any]:
     return {"tenant_id": record.tenant_id, "key_id": record.key_id,
-            "can_confirm": record.can_confirm, "route_overrides": record.route_overrides}
+            "can_confirm": record.can_confirm, "route_overrides": record.route_overrides,
+            "cache_sampled": record.cache_sampled}
 
 
 def _anonymous() -> dict[str, Any]:
     return {"tenant_id": ANONYMOUS, "key_id": ANONYMOUS, "can_confirm": False,
-            "route_overrides": {}}
+            "route_overrides": {}, "cache_sampled": False}
 
 
 def _rate_limited(limit: str, wait: float, record: ApiKeyRecord, tokens: int) -> ApiError:

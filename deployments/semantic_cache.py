@@ -1,0 +1,164 @@
+"""SemanticCache: one replica owns the LanceDB cache table (LanceDB wants one writer).
+
+Thin shell over serve_app.cache.service.CacheService: blocking table work runs in
+threads, a background task flushes buffered inserts and hit counts every
+`flush_interval_s` and runs expiry, eviction, compaction and indexing every
+`maintenance_interval_s`. Errors return as ApiError payloads.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ray import serve
+
+from serve_app.cache.config import CacheSettings
+from serve_app.errors import ApiError
+from serve_app.settings import resolve_data_dir
+
+logger = logging.getLogger("ray.serve")
+
+SIMILARITY_BOUNDARIES = [0.5, 0.6, 0.7, 0.8, 0.85, 0.88, 0.9, 0.92, 0.94, 0.96, 0.98, 0.99, 1.0]
+LOOKUP_BOUNDARIES_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
+
+
+class RayCacheMetrics:
+    """CacheMetrics on ray.serve.metrics (Ray dashboard / Prometheus)."""
+
+    def __init__(self) -> None:
+        from ray.serve import metrics
+
+        self._hits = metrics.Counter("llmstack_cache_hits_total", "Semantic cache hits.",
+                                     tag_keys=("match", "namespace"))
+        self._misses = metrics.Counter("llmstack_cache_misses_total",
+                                       "Semantic cache misses by reason.",
+                                       tag_keys=("reason", "namespace"))
+        self._similarity = metrics.Histogram(
+            "llmstack_cache_hit_similarity", "Cosine similarity of served cache hits.",
+            boundaries=SIMILARITY_BOUNDARIES, tag_keys=("match",))
+        self._latency = metrics.Histogram(
+            "llmstack_cache_lookup_latency_seconds", "Cache lookup time inside the replica.",
+            boundaries=LOOKUP_BOUNDARIES_S)
+        self._entries = metrics.Gauge("llmstack_cache_entries", "Entries in the cache table.")
+        self._evictions = metrics.Counter("llmstack_cache_evictions_total",
+                                          "Entries removed by TTL expiry or the size cap.",
+                                          tag_keys=("reason",))
+        self._saved = metrics.Counter("llmstack_cache_saved_usd_total",
+                                      "Estimated spend avoided by cache hits (USD).",
+                                      tag_keys=("gen_ai_request_model",))
+
+    def hit(self, match: str, similarity: float, namespace: str) -> None:
+        self._hits.inc(tags={"match": match, "namespace": namespace})
+        self._similarity.observe(similarity, tags={"match": match})
+
+    def miss(self, reason: str, namespace: str) -> None:
+        self._misses.inc(tags={"reason": reason, "namespace": namespace})
+
+    def lookup_seconds(self, seconds: float) -> None:
+        self._latency.observe(seconds)
+
+    def entries(self, count: int) -> None:
+        self._entries.set(count)
+
+    def evicted(self, count: int, reason: str) -> None:
+        self._evictions.inc(count, tags={"reason": reason})
+
+    def saved(self, usd: float, model: str) -> None:
+        if usd > 0:
+            self._saved.inc(usd, tags={"gen_ai_request_model": model})
+
+
+async def _payload(call: Callable[[], Any]) -> Any:
+    try:
+        return await asyncio.to_thread(call)
+    except ApiError as error:
+        return error.to_payload()
+    except Exception:  # never a stack trace across the handle
+        logger.exception("semantic cache call failed")
+        return ApiError(503, "The semantic cache failed; the request can proceed without it.",
+                        code="cache_unavailable").to_payload()
+
+
+@serve.deployment(name="SemanticCache", num_replicas=1, max_ongoing_requests=1000,
+                  ray_actor_options={"num_cpus": 0.25})
+class SemanticCache:
+    def __init__(self, settings: dict[str, Any]) -> None:
+        # LanceDB is imported here, in the replica, not where the app graph is built.
+        from serve_app.cache.service import CacheService, cache_uri
+
+        self.settings = CacheSettings.model_validate(settings.get("cache") or {})
+        data_dir = resolve_data_dir(settings.get("data_dir", "var"))
+        self.service = CacheService(self.settings, cache_uri(self.settings, data_dir),
+                                    metrics=RayCacheMetrics())
+        self._task: asyncio.Task[None] | None = None
+        self._start_background()
+
+    # ---- request path (the Gateway) --------------------------------------------------
+
+    async def lookup(self, tenant: str, decision: dict[str, Any],
+                     vector: list[float] | None) -> dict[str, Any]:
+        self._start_background()
+        return await _payload(lambda: self.service.lookup(tenant, decision, vector))
+
+    async def store(self, tenant: str, decision: dict[str, Any], vector: list[float] | None,
+                    completion: dict[str, Any], source_ids: list[str] | None = None,
+                    tier: str | None = None) -> dict[str, Any]:
+        self._start_background()
+        return await _payload(lambda: self.service.store_answer(
+            tenant, decision, vector, completion, source_ids=source_ids, tier=tier))
+
+    async def record_saving(self, usd: float, model: str) -> dict[str, Any]:
+        return await _payload(lambda: self.service.record_saving(usd, model))
+
+    # ---- administration --------------------------------------------------------------
+
+    async def invalidate(self, kind: str, value: str | None = None,
+                         tenant: str | None = None) -> dict[str, Any]:
+        return await _payload(lambda: self.service.invalidate(kind, value, tenant))
+
+    async def stats(self) -> dict[str, Any]:
+        return await _payload(self.service.stats)
+
+    async def flush(self) -> dict[str, Any]:
+        return await _payload(self.service.flush)
+
+    async def maintain(self) -> dict[str, Any]:
+        return await _payload(lambda: self.service.maintain(force_compaction=True))
+
+    # ---- background work -------------------------------------------------------------
+
+    def _start_background(self) -> None:
+        if self._task is not None and not self._task.done():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # started by the first call instead
+        self._task = loop.create_task(self._background())
+
+    async def _background(self) -> None:
+        last_maintenance = time.monotonic()
+        while True:
+            await asyncio.sleep(self.settings.flush_interval_s)
+            try:
+                if self.service.store.pending:
+                    await asyncio.to_thread(self.service.flush)
+                if time.monotonic() - last_maintenance >= self.settings.maintenance_interval_s:
+                    last_maintenance = time.monotonic()
+                    await asyncio.to_thread(self.service.maintain)
+            except Exception:
+                logger.exception("semantic cache background work failed; retrying")
+
+    async def check_health(self) -> None:
+        self._start_background()
+
+    async def __del__(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        try:
+            await asyncio.to_thread(self.service.close)
+        except Exception:
+            logger.exception("semantic cache: final flush failed")

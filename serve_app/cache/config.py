@@ -1,0 +1,116 @@
+"""Semantic cache settings (the `cache:` block of the stack's settings)."""
+from __future__ import annotations
+
+import math
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Calibrated by `python -m benchmarks.cache_calibration` on ../shared/data/cache (seed 13):
+# the lowest cosine threshold at which cosine + guard keeps the macro false-hit rate at or
+# below 2% on the calibration half, for natural and for synthetic near-miss pairs alike.
+# benchmarks/results/cache_calibration.json, "chosen" -> "guard", has its held-out
+# precision, recall and false-hit rates. Without the guard no threshold meets the target.
+CALIBRATED_THRESHOLD = 0.925
+NAMESPACE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
+DEFAULT_NAMESPACE = "default"
+_NAMESPACE = re.compile(NAMESPACE_PATTERN)
+
+
+class CacheSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="Off: every request is a miss and nothing is stored.")
+    similarity_threshold: float = Field(
+        CALIBRATED_THRESHOLD, gt=0, le=1,
+        description="Cosine similarity a cached prompt needs to be served (guard on). "
+        "Calibrated, see benchmarks/results/cache_calibration.json.")
+    namespace_thresholds: dict[str, float] = Field(
+        default_factory=dict, description="Per-namespace threshold overrides.")
+    guard: bool = Field(
+        True, description="Reject candidates that differ in negation, numbers, names, "
+        "question type, antonyms or direction (serve_app/cache/guard.py). The default "
+        "threshold was calibrated with the guard on; raise it when turning the guard off.")
+    guard_short_text_tokens: int = Field(
+        20, ge=1, description="Prompts up to this many words count as fully specified "
+        "questions: one extra number or name already makes them different.")
+    default_ttl_s: float | None = Field(
+        86_400.0, gt=0, description="Entry lifetime; null: entries never expire.")
+    namespace_ttl_s: dict[str, float | None] = Field(
+        default_factory=dict, description="Per-namespace lifetimes (null: never expire).")
+    max_ttl_s: float = Field(
+        30 * 86_400.0, gt=0, description="Upper bound for a per-request `cache.ttl`.")
+    min_request_threshold: float = Field(
+        0.5, gt=0, le=1, description="Lowest `cache.threshold` a request may ask for.")
+    allow_temperature: bool = Field(
+        False, description="Cache requests sampled with temperature > 0 (an unset "
+        "temperature means 1.0) for every key. Keys can also opt in one by one.")
+    semantic_max_chars: int = Field(
+        1_000, ge=1, description="Longer prompts are matched exactly only: the embedding "
+        "model reads 256 word pieces, so two long prompts that differ at the end would "
+        "embed alike.")
+    max_entries: int = Field(100_000, ge=1, description="Size cap; least recently hit "
+                             "entries are evicted beyond it.")
+    evict_to_fraction: float = Field(
+        0.9, gt=0, le=1, description="Eviction shrinks the table to this share of max_entries.")
+    insert_batch_size: int = Field(64, ge=1, description="Buffered inserts per LanceDB write.")
+    flush_interval_s: float = Field(0.5, gt=0, description="Pending inserts and hit "
+                                    "counts are written at least this often.")
+    maintenance_interval_s: float = Field(
+        30.0, gt=0, description="Expiry, eviction, compaction and indexing run this often.")
+    compact_after_fragments: int = Field(
+        16, ge=2, description="Compact the table once it has this many data fragments.")
+    index_build_threshold: int = Field(
+        10_000, ge=256, description="Build the vector index once the table holds this many "
+        "rows (benchmarks/results/cache_store_latency.json).")
+    index_type: Literal["IVF_FLAT", "IVF_HNSW_SQ"] = Field(
+        "IVF_FLAT", description="Vector index type. IVF_FLAT builds in seconds; "
+        "IVF_HNSW_SQ searches large tables faster but takes minutes to build on CPUs. "
+        "(IVF_PQ is not offered: its coarse scores blur the threshold.)")
+    search_candidates: int = Field(
+        8, ge=1, le=100, description="Nearest entries the guard may look at per lookup.")
+    uri: str | None = Field(
+        None, description="LanceDB URI (directory or object store). Empty: "
+        "<data_dir>/semantic_cache.")
+    table_name: str = Field("entries", min_length=1)
+    embedding_dim: int = Field(384, ge=1, description="Vector size of the Embedder.")
+    cleanup_older_than_s: float = Field(
+        300.0, ge=0, description="Old table versions are pruned after this age.")
+
+    @field_validator("namespace_thresholds")
+    @classmethod
+    def _thresholds_in_range(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, threshold in value.items():
+            _check_namespace(name)
+            if not 0 < threshold <= 1:
+                raise ValueError(f"namespace_thresholds[{name!r}] must be in (0, 1]")
+        return value
+
+    @field_validator("namespace_ttl_s")
+    @classmethod
+    def _ttls_positive(cls, value: dict[str, float | None]) -> dict[str, float | None]:
+        for name, ttl in value.items():
+            _check_namespace(name)
+            if ttl is not None and not (ttl > 0 and math.isfinite(ttl)):
+                raise ValueError(f"namespace_ttl_s[{name!r}] must be > 0 or null")
+        return value
+
+    @model_validator(mode="after")
+    def _request_threshold_below_default(self) -> "CacheSettings":
+        if self.min_request_threshold > self.similarity_threshold:
+            raise ValueError("min_request_threshold must not exceed similarity_threshold")
+        return self
+
+    def threshold_for(self, namespace: str) -> float:
+        return self.namespace_thresholds.get(namespace, self.similarity_threshold)
+
+    def ttl_for(self, namespace: str) -> float | None:
+        if namespace in self.namespace_ttl_s:
+            return self.namespace_ttl_s[namespace]
+        return self.default_ttl_s
+
+
+def _check_namespace(name: str) -> None:
+    if not _NAMESPACE.match(name):
+        raise ValueError(f"namespace {name!r} must match {NAMESPACE_PATTERN}")

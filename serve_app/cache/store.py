@@ -1,0 +1,466 @@
+"""The cache table: LanceDB rows of (tenant, scope, prompt, vector, answer, lifetimes).
+
+One `CacheStore` owns one table in one process (the SemanticCache replica). Writes are
+buffered and written in batches, because every LanceDB write makes a new data fragment
+and searching many small fragments is slow; `optimize()` compacts the fragments and,
+once the table is large enough, builds the ANN index (HNSW over scalar-quantised vectors,
+or IVF_FLAT) and B-tree indexes on the filter columns. Entries still in the write buffer
+are searched in memory, so an answer is findable as soon as it is stored.
+
+Lookups filter on tenant, scope key and expiry *before* the vector search (prefilter),
+so one tenant's entries are never candidates for another's request. Filters are built
+with `lancedb.expr` (`col(...) == lit(value)`), which quotes values: tenant ids and other
+user-supplied strings never reach the SQL text unescaped.
+
+Thread-safe: lookups may run concurrently with one another and with writes; writes
+(flush, delete, optimize) are serialised.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+from lancedb.expr import Expr, col, lit
+from lancedb.index import BTree, HnswSq, IvfFlat
+
+logger = logging.getLogger(__name__)
+
+NEVER = 253_402_300_799.0  # 9999-12-31T23:59:59Z: expires_at of entries without a TTL
+INVALIDATION_KINDS = ("tenant", "model", "id", "source", "namespace", "all")
+_FILTER_COLUMNS = ("tenant", "scope_key", "prompt_hash", "id")
+SCALAR_INDEX_ROWS = 1_000  # B-tree indexes on the filter columns from this many rows
+_DELETE_CHUNK = 512
+
+
+def cache_schema(dim: int) -> pa.Schema:
+    return pa.schema([
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("vector", pa.list_(pa.float32(), dim)),
+        pa.field("prompt", pa.string()),
+        pa.field("prompt_hash", pa.string()),
+        pa.field("answer", pa.string()),  # JSON of the OpenAI chat.completion body
+        pa.field("model", pa.string()),  # the model that answered
+        pa.field("requested_model", pa.string()),  # what the client asked for ("auto")
+        pa.field("tier", pa.string()),
+        pa.field("tenant", pa.string()),
+        pa.field("scope_key", pa.string()),
+        pa.field("namespace", pa.string()),
+        pa.field("created_at", pa.float64()),
+        pa.field("expires_at", pa.float64()),
+        pa.field("last_hit_at", pa.float64()),
+        pa.field("hit_count", pa.int64()),
+        pa.field("source_ids", pa.list_(pa.string())),  # "doc:<id>@<version>"
+    ])
+
+
+_RESULT_COLUMNS = ["id", "prompt", "answer", "model", "requested_model", "tier", "namespace",
+                   "created_at", "expires_at", "hit_count", "source_ids"]
+
+
+@dataclass
+class CacheEntry:
+    tenant: str
+    scope_key: str
+    prompt_hash: str
+    prompt: str
+    vector: np.ndarray
+    answer: str
+    model: str
+    created_at: float
+    expires_at: float = NEVER
+    requested_model: str = ""
+    namespace: str = "default"
+    tier: str = ""
+    source_ids: list[str] = field(default_factory=list)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    last_hit_at: float | None = None
+    hit_count: int = 0
+
+    def row(self) -> dict[str, Any]:
+        return {"id": self.id, "vector": self.vector, "prompt": self.prompt,
+                "prompt_hash": self.prompt_hash, "answer": self.answer, "model": self.model,
+                "requested_model": self.requested_model, "tier": self.tier,
+                "tenant": self.tenant, "scope_key": self.scope_key,
+                "namespace": self.namespace, "created_at": self.created_at,
+                "expires_at": self.expires_at,
+                "last_hit_at": self.created_at if self.last_hit_at is None else self.last_hit_at,
+                "hit_count": self.hit_count, "source_ids": list(self.source_ids)}
+
+
+@dataclass(frozen=True)
+class CacheHit:
+    entry_id: str
+    similarity: float
+    match: str  # "exact" | "semantic"
+    prompt: str
+    answer: str
+    model: str
+    tier: str
+    namespace: str
+    created_at: float
+    expires_at: float
+    hit_count: int
+    source_ids: tuple[str, ...]
+
+    def completion(self) -> dict[str, Any]:
+        return json.loads(self.answer)
+
+
+@dataclass(frozen=True)
+class LookupOutcome:
+    hit: CacheHit | None
+    best_similarity: float | None = None  # of the nearest candidate, hit or not
+    rejected: str | None = None  # miss reason: "empty", "below_threshold", "guard:<check>"
+    candidates: int = 0
+
+
+GuardFn = Callable[[str, str], Any]  # (query, cached prompt) -> object with .ok, .reason
+
+
+class CacheStore:
+    def __init__(self, uri: str | Path, *, table_name: str = "entries", dim: int = 384,
+                 batch_size: int = 64, search_candidates: int = 8,
+                 index_threshold: int = 10_000, index_type: str = "IVF_FLAT",
+                 compact_after_fragments: int = 16,
+                 cleanup_older_than_s: float = 300.0) -> None:
+        if isinstance(uri, Path):
+            uri.mkdir(parents=True, exist_ok=True)
+        self.uri = str(uri)
+        self.table_name = table_name
+        self.dim = dim
+        self.batch_size = batch_size
+        self.search_candidates = search_candidates
+        self.index_threshold = index_threshold
+        self.index_type = index_type
+        self.compact_after_fragments = compact_after_fragments
+        self.cleanup_older_than = timedelta(seconds=cleanup_older_than_s)
+        self.schema = cache_schema(dim)
+        self.counters: Counter[str] = Counter()
+        self._pending: list[CacheEntry] = []
+        self._flushing: list[CacheEntry] = []
+        self._hits: dict[str, tuple[int, float]] = {}
+        self._buffer_lock = threading.Lock()
+        self._write_lock = threading.RLock()
+        self._db = lancedb.connect(self.uri)
+        self._table = self._open_table()
+
+    # ---- opening -------------------------------------------------------------------
+
+    def _open_table(self) -> Any:
+        try:
+            return self._db.create_table(self.table_name, schema=self.schema, exist_ok=True)
+        except ValueError as exc:  # an older layout (another dim, other columns)
+            logger.warning("cache table %s has another schema (%s); recreating it empty",
+                           self.table_name, exc)
+            self._db.drop_table(self.table_name)
+            return self._db.create_table(self.table_name, schema=self.schema)
+
+    # ---- lookups -------------------------------------------------------------------
+
+    def lookup(self, *, tenant: str, scope_key: str, prompt_hash: str,
+               vector: Sequence[float] | np.ndarray | None, threshold: float, now: float,
+               query_text: str = "", guard: GuardFn | None = None,
+               semantic: bool = True) -> LookupOutcome:
+        """Exact normalised-prompt match first, then the nearest entries by cosine.
+
+        Only live entries (expires_at > now) of this tenant and scope are candidates. A
+        semantic candidate must reach `threshold` and pass `guard(query_text, prompt)`.
+        """
+        scope = ((col("tenant") == lit(tenant)) & (col("scope_key") == lit(scope_key))
+                 & (col("expires_at") > lit(float(now))))
+        buffered = self._buffered(tenant, scope_key, now)
+        if prompt_hash:
+            exact = next((e for e in buffered if e.prompt_hash == prompt_hash), None)
+            if exact is not None:
+                return LookupOutcome(_hit_from_row(exact.row(), 1.0, "exact"), 1.0, None, 1)
+            rows = (self._table.search().where(scope & (col("prompt_hash") == lit(prompt_hash)))
+                    .select(_RESULT_COLUMNS).limit(1).to_list())
+            if rows:
+                return LookupOutcome(_hit_from_row(rows[0], 1.0, "exact"), 1.0, None, 1)
+        if not semantic or vector is None:
+            return LookupOutcome(None, None, "no_exact_match", 0)
+
+        query = self._unit(vector)
+        rows = (self._table.search(query, vector_column_name="vector").distance_type("cosine")
+                .where(scope, prefilter=True).select([*_RESULT_COLUMNS, "vector", "_distance"])
+                .limit(self.search_candidates).to_list())
+        scored: dict[str, tuple[float, dict[str, Any]]] = {}
+        for row in rows:
+            similarity = float(np.dot(query, np.asarray(row["vector"], dtype=np.float32)))
+            scored[row["id"]] = (similarity, row)
+        for entry in buffered:
+            scored[entry.id] = (float(np.dot(query, entry.vector)), entry.row())
+        ranked = sorted(scored.values(), key=lambda item: -item[0])
+        if not ranked:
+            return LookupOutcome(None, None, "empty", 0)
+        rejected = "below_threshold"
+        for similarity, row in ranked:
+            if similarity < threshold:
+                break
+            if guard is not None:
+                verdict = guard(query_text, row["prompt"])
+                if not verdict.ok:
+                    rejected = f"guard:{verdict.reason}"
+                    continue
+            hit = _hit_from_row(row, min(similarity, 1.0), "semantic")
+            return LookupOutcome(hit, ranked[0][0], None, len(ranked))
+        return LookupOutcome(None, ranked[0][0], rejected, len(ranked))
+
+    def _buffered(self, tenant: str, scope_key: str, now: float) -> list[CacheEntry]:
+        with self._buffer_lock:
+            entries = [*self._flushing, *self._pending]
+        return [e for e in entries
+                if e.tenant == tenant and e.scope_key == scope_key and e.expires_at > now]
+
+    def _unit(self, vector: Sequence[float] | np.ndarray) -> np.ndarray:
+        array = np.asarray(vector, dtype=np.float32).reshape(-1)
+        if array.shape[0] != self.dim:
+            raise ValueError(f"vector has {array.shape[0]} dimensions, the cache expects {self.dim}")
+        norm = float(np.linalg.norm(array))
+        if not math.isfinite(norm) or norm == 0:
+            raise ValueError("vector must be finite and non-zero")
+        return array / norm
+
+    # ---- writes ----------------------------------------------------------------------
+
+    def add(self, entries: Iterable[CacheEntry]) -> int:
+        """Buffer entries; writes a batch when the buffer is full. Returns rows written."""
+        prepared = []
+        for entry in entries:
+            entry.vector = self._unit(entry.vector)
+            prepared.append(entry)
+        with self._buffer_lock:
+            self._pending.extend(prepared)
+            full = len(self._pending) >= self.batch_size
+        # Never wait behind a long write (an index build): the next flush takes them.
+        if full and self._write_lock.acquire(blocking=False):
+            try:
+                return self.flush()
+            finally:
+                self._write_lock.release()
+        return 0
+
+    def record_hit(self, entry_id: str, now: float) -> None:
+        """Count a hit; written with the next flush (one write for many hits)."""
+        with self._buffer_lock:
+            for entry in self._pending:
+                if entry.id == entry_id:
+                    entry.hit_count += 1
+                    entry.last_hit_at = now
+                    return
+            count, _ = self._hits.get(entry_id, (0, now))
+            self._hits[entry_id] = (count + 1, now)
+
+    @property
+    def pending(self) -> int:
+        with self._buffer_lock:
+            return len(self._pending) + len(self._hits)
+
+    def flush(self) -> int:
+        """Write buffered inserts (one LanceDB write) and hit counts. Returns rows inserted."""
+        with self._write_lock:
+            with self._buffer_lock:
+                batch, self._pending = self._pending, []
+                self._flushing = batch
+            try:
+                if batch:
+                    self._table.add(pa.Table.from_pylist([e.row() for e in batch],
+                                                         schema=self.schema))
+                    self.counters["inserted"] += len(batch)
+                    self.counters["insert_writes"] += 1
+            except Exception:
+                with self._buffer_lock:
+                    self._pending = batch + self._pending
+                raise
+            finally:
+                with self._buffer_lock:
+                    self._flushing = []
+            self._flush_hits()
+        return len(batch)
+
+    def _flush_hits(self) -> None:
+        with self._buffer_lock:
+            hits, self._hits = self._hits, {}
+        if not hits:
+            return
+        try:
+            current = (self._table.search().where(col("id").isin(list(hits)))
+                       .select(["id", "hit_count"]).limit(len(hits)).to_list())
+            if not current:
+                return
+            update = pa.table({
+                "id": [row["id"] for row in current],
+                "hit_count": pa.array([int(row["hit_count"]) + hits[row["id"]][0]
+                                       for row in current], pa.int64()),
+                "last_hit_at": pa.array([hits[row["id"]][1] for row in current], pa.float64()),
+            })
+            self._table.merge_insert("id").when_matched_update_all().execute(update)
+            self.counters["hit_writes"] += 1
+        except Exception:  # counts are advisory (eviction order); never fail a flush for them
+            logger.exception("could not write %d cache hit counts", len(hits))
+
+    # ---- deletion --------------------------------------------------------------------
+
+    def invalidate(self, kind: str, value: str | None = None, *,
+                   tenant: str | None = None) -> int:
+        """Delete entries by tenant, model, id, source id, namespace, or all. -> count.
+
+        `tenant` narrows any kind to one tenant's entries. "model" matches both the model
+        that answered and the model the client asked for.
+        """
+        predicate = _invalidation_filter(kind, value, tenant)
+        with self._write_lock:
+            self.flush()
+            deleted = self._delete(predicate)
+        self.counters["invalidated"] += deleted
+        return deleted
+
+    def expire(self, now: float) -> int:
+        with self._write_lock:
+            self.flush()
+            deleted = self._delete((col("expires_at") <= lit(float(now))).to_sql())
+        self.counters["expired"] += deleted
+        return deleted
+
+    def evict(self, max_entries: int, target: int | None = None) -> int:
+        """Beyond max_entries, delete the least recently hit entries down to target."""
+        with self._write_lock:
+            self.flush()
+            total = self._table.count_rows()
+            if total <= max_entries:
+                return 0
+            keep = max_entries if target is None else min(target, max_entries)
+            table = (self._table.search().select(["id", "last_hit_at", "created_at"])
+                     .limit(None).to_arrow())
+            order = np.lexsort((table["created_at"].to_numpy(),
+                                table["last_hit_at"].to_numpy()))
+            ids = table["id"].to_numpy(zero_copy_only=False)[order[: total - keep]]
+            deleted = 0
+            for start in range(0, len(ids), _DELETE_CHUNK):
+                chunk = [str(x) for x in ids[start:start + _DELETE_CHUNK]]
+                deleted += self._delete(col("id").isin(chunk).to_sql())
+        self.counters["evicted"] += deleted
+        return deleted
+
+    def _delete(self, predicate: str) -> int:
+        return int(self._table.delete(predicate).num_deleted_rows)
+
+    # ---- maintenance -----------------------------------------------------------------
+
+    def optimize(self, *, force: bool = False) -> dict[str, Any]:
+        """Compact small fragments, prune old versions, build or update indexes."""
+        done: dict[str, Any] = {"indexed": False, "compacted": False}
+        with self._write_lock:
+            self.flush()
+            stats = self._table.stats()
+            rows = int(stats["num_rows"])
+            fragments = int(stats["fragment_stats"]["num_fragments"])
+            indexed = {column for index in self._table.list_indices()
+                       for column in index.columns}
+            if rows >= min(self.index_threshold, SCALAR_INDEX_ROWS) and not (
+                    set(_FILTER_COLUMNS) <= indexed):
+                for column in _FILTER_COLUMNS:
+                    self._table.create_index(column, config=BTree(), replace=True)
+            has_index = "vector" in indexed
+            if not has_index and rows >= self.index_threshold:
+                self._build_vector_index()
+                done["indexed"] = True
+                has_index = True
+            if force or fragments >= self.compact_after_fragments or (
+                    has_index and self._unindexed_rows() >= self.batch_size * 8):
+                self._table.optimize(cleanup_older_than=self.cleanup_older_than)
+                self.counters["compactions"] += 1
+                done["compacted"] = True
+        done["fragments_before"] = fragments
+        return done
+
+    def _build_vector_index(self) -> None:
+        config: Any = (HnswSq(distance_type="cosine") if self.index_type == "IVF_HNSW_SQ"
+                       else IvfFlat(distance_type="cosine"))
+        self._table.create_index("vector", config=config, replace=True)
+        self.counters["index_builds"] += 1
+
+    def vector_index(self) -> str | None:
+        for index in self._table.list_indices():
+            if "vector" in index.columns:
+                return str(index.index_type)
+        return None
+
+    def _unindexed_rows(self) -> int:
+        for index in self._table.list_indices():
+            if "vector" in index.columns:
+                stats = self._table.index_stats(index.name)
+                return int(stats.num_unindexed_rows) if stats else 0
+        return 0
+
+    # ---- introspection ---------------------------------------------------------------
+
+    def count(self) -> int:
+        """Live and expired rows in the table plus buffered inserts."""
+        with self._buffer_lock:
+            buffered = len(self._pending) + len(self._flushing)
+        return int(self._table.count_rows()) + buffered
+
+    def stats(self) -> dict[str, Any]:
+        table_stats = self._table.stats()
+        with self._buffer_lock:
+            pending_inserts, pending_hits = len(self._pending), len(self._hits)
+        return {
+            "entries": int(table_stats["num_rows"]) + pending_inserts,
+            "pending_inserts": pending_inserts,
+            "pending_hit_updates": pending_hits,
+            "fragments": int(table_stats["fragment_stats"]["num_fragments"]),
+            "vector_index": self.vector_index(),
+            **{name: int(value) for name, value in sorted(self.counters.items())},
+        }
+
+    def close(self) -> None:
+        self.flush()
+
+
+def _invalidation_filter(kind: str, value: str | None, tenant: str | None) -> str:
+    if kind not in INVALIDATION_KINDS:
+        raise ValueError(f"unknown invalidation kind {kind!r}; use one of {INVALIDATION_KINDS}")
+    if kind != "all" and not value:
+        raise ValueError(f"invalidation by {kind} needs a value")
+    parts: list[str] = []
+    if tenant is not None:
+        parts.append(_sql(col("tenant") == lit(tenant)))
+    if kind == "tenant":
+        parts.append(_sql(col("tenant") == lit(str(value))))
+    elif kind == "model":
+        parts.append(_sql((col("model") == lit(str(value)))
+                          | (col("requested_model") == lit(str(value)))))
+    elif kind == "id":
+        parts.append(_sql(col("id") == lit(str(value))))
+    elif kind == "namespace":
+        parts.append(_sql(col("namespace") == lit(str(value))))
+    elif kind == "source":
+        # lancedb.expr has no array function; lit() still does the quoting.
+        parts.append(f"array_has(source_ids, {lit(str(value)).to_sql()})")
+    return " AND ".join(f"({part})" for part in parts) or "true"
+
+
+def _sql(expr: Expr) -> str:
+    return expr.to_sql()
+
+
+def _hit_from_row(row: dict[str, Any], similarity: float, match: str) -> CacheHit:
+    return CacheHit(entry_id=row["id"], similarity=similarity, match=match,
+                    prompt=row["prompt"], answer=row["answer"], model=row["model"],
+                    tier=row.get("tier") or "", namespace=row["namespace"],
+                    created_at=float(row["created_at"]), expires_at=float(row["expires_at"]),
+                    hit_count=int(row.get("hit_count") or 0),
+                    source_ids=tuple(row.get("source_ids") or ()))
