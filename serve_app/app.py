@@ -18,6 +18,7 @@ from deployments.gateway import Gateway
 from deployments.local_llm import LocalLLM
 from deployments.models_root import ModelsRoot
 from deployments.quota import Quota
+from deployments.retriever import Retriever
 from deployments.semantic_cache import SemanticCache
 from serve_app.settings import ModelsAppSettings, StackAppSettings
 
@@ -29,4 +30,5 @@ def build_models_app(args: dict[str, Any]) -> Application:
 
 def build_app(args: dict[str, Any]) -> Application:
     settings = StackAppSettings.model_validate(args).model_dump(mode="json")
-    return Gateway.bind(settings, quota=Quota.bind(settings), cache=SemanticCache.bind(settings))
+    return Gateway.bind(settings, quota=Quota.bind(settings),
+                        cache=SemanticCache.bind(settings), retriever=Retriever.bind(settings))

@@ -27,6 +27,8 @@ from serve_app.errors import ApiError, is_error_payload
 from serve_app.handles import LLMClient
 from serve_app.protocol import ChatCompletionRequest
 from serve_app.quota.pricing import Price, estimate_prompt_tokens
+from serve_app.rag.config import RagSettings
+from serve_app.rag.prompting import RagContext, apply_rag, resolve_rag_options, sources_header
 from serve_app.quota.service import ANONYMOUS
 from serve_app.request_context import RequestContext, redact_prompt
 from serve_app.sse import DONE, sse_error, sse_event
@@ -50,6 +52,13 @@ class CachePort(Protocol):
               tier: str | None) -> None: ...
 
     def record_saving(self, usd: float, model: str) -> None: ...
+
+
+class RetrieverPort(Protocol):
+    async def search(self, tenant: str, options: dict[str, Any], query: str,
+                     query_vector: list[float] | None) -> list[dict[str, Any]]: ...
+
+    async def versions_current(self, tenant: str, source_ids: list[str]) -> bool: ...
 
 
 Embed = Callable[[list[str]], Awaitable[list[list[float]]]]
@@ -83,6 +92,8 @@ class ChatService:
                  cache: CachePort | None = None,
                  cache_settings: CacheSettings | None = None,
                  embed: Embed | None = None,
+                 retriever: RetrieverPort | None = None,
+                 rag_settings: RagSettings | None = None,
                  prompt_log_mode: str = "off",
                  on_tokens: Callable[[str, int, int], None] | None = None,
                  on_ttft: Callable[[str, float], None] | None = None) -> None:
@@ -91,6 +102,9 @@ class ChatService:
         self.cache = cache if cache_settings is None or cache_settings.enabled else None
         self.cache_settings = cache_settings or CacheSettings(enabled=False)
         self.embed = embed
+        self.retriever = retriever
+        self.rag_settings = rag_settings or RagSettings()
+        self._tasks: set[asyncio.Future[None]] = set()
         self.price_of = price_of
         self.prompt_log_mode = prompt_log_mode
         self.on_tokens = on_tokens or (lambda model, tokens_in, tokens_out: None)
@@ -153,20 +167,26 @@ class ChatService:
         texts = [m.text() for m in request.messages]
         ctx.prompt = redact_prompt("\n".join(texts), self.prompt_log_mode)  # type: ignore[arg-type]
         raw = request.model_dump()
-        known = request.model in self.targets()
-        principal = await self.admit(ctx, api_key=api_key, model=request.model,
+        model, rag_options = resolve_rag_options(request.model, raw.get("rag"),
+                                                 self.rag_settings)
+        known = model in self.targets()
+        principal = await self.admit(ctx, api_key=api_key, model=model,
                                      model_known=known, texts=texts,
                                      max_output_tokens=request.output_token_limit(),
-                                     price=self.price_of(request.model))
+                                     price=self.price_of(model))
+        rag: RagContext | None = None
         try:
-            target = self.resolve(request.model)
+            target = self.resolve(model)
             cache = await self._cache_lookup(raw, headers or {}, principal, ctx)
             assert cache is not None or ctx.cache != "hit"
             if ctx.cache == "hit":
                 outcome = self._serve_hit(request, ctx, cache)
             else:
+                if rag_options is not None:
+                    rag = await self._retrieve(request, rag_options.model_dump(), ctx, cache)
+                    request = request.model_copy(update={"messages": rag.messages})
                 ctx.model = target.name
-                outcome = await self._generate(request, ctx, target, cache)
+                outcome = await self._generate(request, ctx, target, cache, rag)
         except ApiError as error:
             ctx.error_code = error.code
             ctx.tokens_in = ctx.tokens_out = 0
@@ -174,11 +194,36 @@ class ChatService:
             await self.record(ctx, error.status)
             raise
         outcome.headers.update(self._cache_headers(ctx, cache))
+        if rag is not None and rag.header:
+            outcome.headers["x-rag-sources"] = rag.header
         if outcome.stream is None:
+            if rag is not None and outcome.body is not None:
+                outcome.body["sources"] = rag.sources
             await self.record(ctx, 200)
             if cache is not None and ctx.cache != "hit" and outcome.body is not None:
-                self._store(ctx, cache, outcome.body)
+                self._in_background(self._store(ctx, cache, outcome.body, rag))
         return outcome
+
+    # ------------------------------------------------------------------ retrieval
+    async def _retrieve(self, request: ChatCompletionRequest, options: dict[str, Any],
+                        ctx: RequestContext, cache: CacheStep | None) -> RagContext:
+        if self.retriever is None:
+            raise ApiError(400, "Retrieval is not enabled on this deployment.",
+                           code="rag_unavailable", param="rag")
+        query = next((m.text() for m in reversed(request.messages) if m.role == "user"), "")
+        if not query.strip():
+            raise ApiError(400, "RAG needs a user message to search with.", param="messages")
+        vector = None
+        if cache is not None and cache.vector is not None and cache.decision.query_text == query:
+            vector = cache.vector  # the cache already embedded this text
+        started = time.perf_counter()
+        chunks = await self.retriever.search(ctx.tenant or "", options, query, vector)
+        ctx.stage("retrieve", started)
+        messages = [m.model_dump(exclude_none=True) for m in request.messages]
+        rag = apply_rag(messages, chunks, self.rag_settings)
+        ctx.extra["sources"] = rag.chunk_refs
+        ctx.extra["rag_collection"] = options.get("collection")
+        return rag
 
     # ------------------------------------------------------------------ cache
     async def _cache_lookup(self, raw: dict[str, Any], headers: Mapping[str, str],
@@ -236,10 +281,17 @@ class ChatService:
         headers = {"x-model": model}
         if hit.get("tier"):
             headers["x-route-tier"] = hit["tier"]
+        sources = hit["completion"].get("sources")
+        if sources:
+            headers["x-rag-sources"] = sources_header(
+                sources, self.rag_settings.max_sources_header_bytes)
+            ctx.extra["sources"] = [s.get("source_id") for s in sources]
         if not request.stream:
             return ChatOutcome(headers=headers, body=cached_completion(hit["completion"]))
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         chunks = completion_chunks(hit["completion"], include_usage=include_usage)
+        if sources and chunks:
+            chunks[0]["sources"] = sources
         return ChatOutcome(headers=headers, stream=self._replay(chunks, ctx))
 
     async def _replay(self, chunks: list[dict[str, Any]],
@@ -260,14 +312,25 @@ class ChatService:
             headers["x-cache-reason"] = str(ctx.extra["cache_reason"])
         return headers
 
-    def _store(self, ctx: RequestContext, cache: CacheStep, body: dict[str, Any]) -> None:
+    async def _store(self, ctx: RequestContext, cache: CacheStep, body: dict[str, Any],
+                     rag: RagContext | None) -> None:
         if not cache.decision.store or self.cache is None:
             return
+        source_ids = None
+        if rag is not None:
+            source_ids = rag.source_ids
+            body = {**body, "sources": rag.sources}
+            # A document replaced while this answer was generated must not be cached
+            # under its old version (its invalidation already ran).
+            if source_ids and self.retriever is not None and not await \
+                    self.retriever.versions_current(ctx.tenant or "", source_ids):
+                return
         self.cache.store(ctx.tenant or "", cache.decision.to_dict(), cache.vector, body,
-                         ctx.extra.get("sources"), ctx.tier)
+                         source_ids, ctx.tier)
 
     async def _generate(self, request: ChatCompletionRequest, ctx: RequestContext,
-                        target: ModelTarget, cache: CacheStep | None = None) -> ChatOutcome:
+                        target: ModelTarget, cache: CacheStep | None = None,
+                        rag: RagContext | None = None) -> ChatOutcome:
         payload = request.model_dump(exclude_none=True)
         headers = {"x-model": target.name}
         if not request.stream:
@@ -281,12 +344,15 @@ class ChatService:
         first = await _first_item(chunks)
         if is_error_payload(first):
             raise ApiError.from_payload(first)
+        if rag is not None:
+            first = {**first, "sources": rag.sources}
         return ChatOutcome(headers=headers,
-                           stream=self._sse(first, chunks, ctx, include_usage, cache))
+                           stream=self._sse(first, chunks, ctx, include_usage, cache, rag))
 
     async def _sse(self, first: dict[str, Any], chunks: AsyncIterator[dict[str, Any]],
                    ctx: RequestContext, include_usage: bool,
-                   cache: CacheStep | None = None) -> AsyncIterator[bytes]:
+                   cache: CacheStep | None = None,
+                   rag: RagContext | None = None) -> AsyncIterator[bytes]:
         started = time.perf_counter()
         collected: list[dict[str, Any]] = []
         content_chunks = 0
@@ -339,8 +405,20 @@ class ChatService:
         elif cache is not None:
             body = completion_from_chunks(collected)
             if body is not None:
-                self._store(ctx, cache, body)
+                self._in_background(self._store(ctx, cache, body, rag))
         yield DONE
+
+    def _in_background(self, work: Awaitable[None]) -> None:
+        """Work the response need not wait for (cache stores); kept referenced, logged."""
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+
+        def done(finished: asyncio.Future[None]) -> None:
+            self._tasks.discard(finished)
+            if not finished.cancelled() and finished.exception() is not None:
+                logger.warning("background step failed: %r", finished.exception())
+
+        task.add_done_callback(done)
 
     async def _record_quietly(self, ctx: RequestContext, status: int) -> None:
         try:

@@ -199,3 +199,50 @@ class CacheClient:
         if is_error_payload(result):
             raise ApiError.from_payload(result)
         return result
+
+
+class RetrieverClient:
+    """The retrieval port over the Retriever deployment."""
+
+    def __init__(self, handle: Any, timeout_s: float = 60.0,
+                 ingest_timeout_s: float = 900.0) -> None:
+        self.handle = handle
+        self.timeout_s = timeout_s
+        self.ingest_timeout_s = ingest_timeout_s
+
+    async def call(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
+        response = getattr(self.handle, method).remote(*args)
+        try:
+            result = await asyncio.wait_for(_await(response), timeout_s or self.timeout_s)
+        except asyncio.TimeoutError as exc:
+            response.cancel()
+            raise ApiError(504, "The retriever did not answer in time.", code="timeout") from exc
+        except Exception as exc:
+            raise ApiError(503, "The retriever is unavailable; retry the request.",
+                           code="retriever_unavailable") from exc
+        if is_error_payload(result):
+            raise ApiError.from_payload(result)
+        return result
+
+    async def search(self, tenant: str, options: dict[str, Any], query: str,
+                     query_vector: list[float] | None) -> list[dict[str, Any]]:
+        return await self.call("search", tenant, options["collection"], query,
+                               options.get("top_k"), options.get("mode"),
+                               options.get("filters"), query_vector)
+
+    async def versions_current(self, tenant: str, source_ids: list[str]) -> bool:
+        from serve_app.rag.source_ids import parse_source_id
+
+        wanted: dict[str, dict[str, int]] = {}
+        for value in source_ids:
+            ref = parse_source_id(value)
+            wanted.setdefault(ref.collection, {})[ref.document_id] = ref.version
+        for collection, versions in wanted.items():
+            try:
+                current = await self.call("current_versions", tenant, collection,
+                                          list(versions))
+            except ApiError:
+                return False
+            if any(current.get(doc) != version for doc, version in versions.items()):
+                return False
+        return True

@@ -27,12 +27,20 @@ class EdgeHooks:
     its FastAPI app by value; this module is imported by reference in the replica."""
 
     max_body_bytes: int = 1_000_000
+    max_upload_bytes: int = 1_000_000  # document ingestion routes
+    upload_prefix: str = "/v1/collections/"
     on_complete: Callable[[RequestContext], None] = staticmethod(lambda context: None)
+
+    @classmethod
+    def limit_for(cls, path: str) -> int:
+        return cls.max_upload_bytes if path.startswith(cls.upload_prefix) else cls.max_body_bytes
 
 
 def register_edge_hooks(*, max_body_bytes: int,
-                        on_complete: Callable[[RequestContext], None]) -> None:
+                        on_complete: Callable[[RequestContext], None],
+                        max_upload_bytes: int | None = None) -> None:
     EdgeHooks.max_body_bytes = max_body_bytes
+    EdgeHooks.max_upload_bytes = max_upload_bytes or max_body_bytes
     EdgeHooks.on_complete = staticmethod(on_complete)
 
 
@@ -65,7 +73,7 @@ class RequestEdgeMiddleware:
             request_id=serve_id or request_id_from(headers.get(REQUEST_ID_HEADER)),
             route=scope.get("path", ""), method=scope.get("method", ""))
         scope.setdefault("state", {})["ctx"] = context
-        limit = EdgeHooks.max_body_bytes
+        limit = EdgeHooks.limit_for(context.route)
         response_started = False
 
         too_large = False

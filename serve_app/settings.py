@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from serve_app.cache.config import CacheSettings
 from serve_app.quota.pricing import Price
+from serve_app.rag.config import RagSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,6 +74,11 @@ class GatewaySettings(StrictModel):
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger bodies get 413.")
     request_timeout_s: float = Field(120.0, gt=0)
     max_embedding_inputs: int = Field(256, ge=1, description="Most texts per /v1/embeddings.")
+    max_upload_bytes: int = Field(
+        20_000_000, ge=1024, description="Body limit of the document ingestion routes "
+        "(/v1/collections/...); base64 content is 4/3 of the file.")
+    ingest_timeout_s: float = Field(900.0, gt=0, description="Embedding a large PDF on CPU "
+                                    "takes minutes.")
     readiness_probe_timeout_s: float = Field(30.0, gt=0)
     log_prompts: Literal["off", "hash", "full"] = Field(
         "off", description="Prompt text in request logs: omitted, sha256 prefix, or verbatim."
@@ -126,6 +132,7 @@ class StackAppSettings(StrictModel):
     gateway: GatewaySettings = GatewaySettings()
     quota: QuotaSettings = QuotaSettings()
     cache: CacheSettings = CacheSettings()
+    rag: RagSettings = RagSettings()
     prices: dict[str, Price] = Field(
         default_factory=dict,
         description="USD per million input/output tokens by model name (the local model's "

@@ -11,8 +11,15 @@ from deployments.gateway.admin_routes import AdminRoutes
 from deployments.gateway.cache_routes import CacheRoutes
 from deployments.gateway.fastapi_app import api_key_of, app
 from deployments.gateway.openai_routes import OpenAIRoutes
+from deployments.gateway.rag_routes import RagRoutes
 from serve_app.chat_service import ChatService, ModelTarget
-from serve_app.handles import CacheClient, LazyHandle, LocalLLMClient, QuotaClient
+from serve_app.handles import (
+    CacheClient,
+    LazyHandle,
+    LocalLLMClient,
+    QuotaClient,
+    RetrieverClient,
+)
 from serve_app.http_edge import context_of, register_edge_hooks
 from serve_app.metrics import serve_metrics
 from serve_app.request_context import RequestContext, RequestLogger
@@ -21,8 +28,9 @@ from serve_app.settings import StackAppSettings
 
 @serve.deployment(name="Gateway", max_ongoing_requests=128)
 @serve.ingress(app)
-class Gateway(OpenAIRoutes, AdminRoutes, CacheRoutes):
-    def __init__(self, settings: dict[str, Any], quota: Any, cache: Any) -> None:
+class Gateway(OpenAIRoutes, AdminRoutes, CacheRoutes, RagRoutes):
+    def __init__(self, settings: dict[str, Any], quota: Any, cache: Any,
+                 retriever: Any) -> None:
         self.settings = StackAppSettings.model_validate(settings)
         models_app = self.settings.models_app
         self.llm = LazyHandle("LocalLLM", models_app)
@@ -30,6 +38,9 @@ class Gateway(OpenAIRoutes, AdminRoutes, CacheRoutes):
         self.quota = QuotaClient(quota, settle_retry_s=self.settings.quota.settle_retry_s)
         self.accounting = self.quota if self.settings.quota.enabled else None
         self.cache = CacheClient(cache)
+        self.retriever = RetrieverClient(
+            retriever, timeout_s=self.settings.gateway.request_timeout_s,
+            ingest_timeout_s=self.settings.gateway.ingest_timeout_s)
         self.metrics = serve_metrics()
         self.request_log = RequestLogger(self.settings.data_dir / "logs")
         self._model_info: dict[str, dict[str, Any]] = {}
@@ -40,12 +51,15 @@ class Gateway(OpenAIRoutes, AdminRoutes, CacheRoutes):
             cache=self.cache,
             cache_settings=self.settings.cache,
             embed=self.embed,
+            retriever=self.retriever,
+            rag_settings=self.settings.rag,
             prompt_log_mode=self.settings.gateway.log_prompts,
             on_tokens=self._count_tokens,
             on_ttft=lambda model, s: self.metrics.ttft.observe(
                 s, tags={"gen_ai_request_model": model}),
         )
         register_edge_hooks(max_body_bytes=self.settings.gateway.max_body_bytes,
+                            max_upload_bytes=self.settings.gateway.max_upload_bytes,
                             on_complete=self.finish_request)
 
     # ------------------------------------------------------------------ wiring

@@ -21,7 +21,7 @@ from serve_app.cache.store import INVALIDATION_KINDS, NEVER, CacheEntry, CacheSt
 from serve_app.errors import ApiError
 
 MAX_SOURCE_IDS = 64
-MAX_ID_CHARS = 256
+MAX_ID_CHARS = 512  # RAG source ids reach ~475 characters
 
 
 class CacheMetrics(Protocol):

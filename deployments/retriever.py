@@ -1,0 +1,115 @@
+"""Retriever: document ingestion and hybrid search over LanceDB. A thin shell over
+serve_app.rag.store.DocumentStore, which owns the tables; this class adds the Embedder
+handle, error payloads and the background compaction/indexing task.
+
+Run one replica: writes are serialised inside a replica (versions are assigned under a
+lock); more replicas would race on versions of the same document.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+from ray import serve
+
+from serve_app.errors import ApiError, is_error_payload
+from serve_app.handles import LazyHandle
+from serve_app.rag.config import RagSettings
+from serve_app.rag.store import DocumentStore
+from serve_app.settings import resolve_data_dir
+
+log = logging.getLogger("ray.serve")
+T = TypeVar("T")
+
+
+@serve.deployment(name="Retriever", max_ongoing_requests=64, num_replicas=1,
+                  health_check_period_s=10)
+class Retriever:
+    async def __init__(self, settings: dict[str, Any], embedder: Any | None = None) -> None:
+        self.settings = RagSettings.model_validate(settings.get("rag") or {})
+        uri = self.settings.uri or str(resolve_data_dir(settings.get("data_dir", "var")) / "rag")
+        self.embedder = embedder or LazyHandle("Embedder", settings.get("models_app", "models"))
+        self.store = await DocumentStore.open(uri, self.settings, self._embed)
+        self._maintenance: asyncio.Task[None] | None = None
+        self._start_maintenance()
+
+    async def _embed(self, texts: list[str]) -> list[list[float]]:
+        result = await self.embedder.call("embed", texts, timeout_s=self.settings.embed_timeout_s)
+        if is_error_payload(result):
+            raise ApiError.from_payload(result)
+        return result
+
+    # ------------------------------------------------------------------ API (dicts in/out)
+    async def ingest(self, tenant: str, collection: str,
+                     documents: list[dict[str, Any]]) -> list[dict[str, Any]] | dict[str, Any]:
+        """-> per document {id, version, chunks, replaced, source_id, stale_source_ids,
+        warnings}; an error payload when any document is rejected (nothing is written)."""
+        return await _payload(self.store.ingest(tenant, collection, documents))
+
+    async def delete_document(self, tenant: str, collection: str, doc_id: str) -> dict[str, Any]:
+        """-> {deleted, id, version, source_ids}."""
+        return await _payload(self.store.delete_document(tenant, collection, doc_id))
+
+    async def delete_collection(self, tenant: str, collection: str) -> dict[str, Any]:
+        """-> {deleted, collection, documents, source_ids}."""
+        return await _payload(self.store.delete_collection(tenant, collection))
+
+    async def search(self, tenant: str, collection: str, query: str, top_k: int | None = None,
+                     mode: str | None = None, filters: dict[str, Any] | None = None,
+                     query_vector: list[float] | None = None,
+                     ) -> list[dict[str, Any]] | dict[str, Any]:
+        """-> chunks, best first (see DocumentStore.search). Pass `query_vector` when the
+        query is already embedded (saves an Embedder call)."""
+        return await _payload(self.store.search(tenant, collection, query, top_k, mode,
+                                                filters, query_vector))
+
+    async def list_collections(self, tenant: str) -> list[dict[str, Any]] | dict[str, Any]:
+        return await _payload(self.store.list_collections(tenant))
+
+    async def list_documents(self, tenant: str, collection: str, limit: int = 1000,
+                             offset: int = 0) -> list[dict[str, Any]] | dict[str, Any]:
+        return await _payload(self.store.list_documents(tenant, collection, limit, offset))
+
+    async def current_versions(self, tenant: str, collection: str,
+                               doc_ids: list[str]) -> dict[str, Any]:
+        return await _payload(self.store.current_versions(tenant, collection, doc_ids))
+
+    async def maintain(self, force: bool = False) -> dict[str, Any]:
+        return await _payload(self.store.maintain(force))
+
+    async def stats(self) -> dict[str, Any]:
+        return await _payload(self.store.stats())
+
+    # ------------------------------------------------------------------ background upkeep
+    def _start_maintenance(self) -> None:
+        self._maintenance = asyncio.get_running_loop().create_task(self._maintenance_loop())
+
+    async def _maintenance_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.maintenance_interval_s)
+            try:
+                report = await self.store.maintain()
+                worked = [item for item in report.values()
+                          if isinstance(item, dict) and item.get("optimized")]
+                if worked or "vector_index" in report:
+                    log.info("rag maintenance: %s", report)
+            except Exception:  # keep serving; try again next period
+                log.exception("rag maintenance failed")
+
+    async def check_health(self) -> None:
+        if self._maintenance is not None and self._maintenance.done():
+            log.warning("rag maintenance task stopped; restarting it")
+            self._start_maintenance()
+
+
+async def _payload(work: Awaitable[T]) -> T | dict[str, Any]:
+    try:
+        return await work
+    except ApiError as exc:
+        return exc.to_payload()
+    except Exception:
+        log.exception("retriever request failed")
+        return ApiError(500, "The retriever failed; retry the request.",
+                        code="retriever_error").to_payload()

@@ -1,0 +1,358 @@
+"""Uploaded bytes or text -> plain text blocks that remember their heading path.
+
+Supported: text/plain (paragraphs), text/markdown (ATX and setext headings, fenced code,
+front matter, links reduced to their text) and application/pdf (pypdf text extraction;
+the PDF outline, when present, gives the heading path of each page). Bad input becomes an
+`ApiError`: 400 unreadable or empty, 413 too large, 415 unsupported type.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from serve_app.errors import ApiError
+from serve_app.rag.config import SUPPORTED_CONTENT_TYPES, RagSettings
+from serve_app.rag.models import DocumentIn
+
+CONTENT_TYPE_ALIASES = {
+    "text/x-markdown": "text/markdown",
+    "text/md": "text/markdown",
+    "text/x-md": "text/markdown",
+    "application/markdown": "text/markdown",
+    "application/x-pdf": "application/pdf",
+    "text/txt": "text/plain",
+}
+
+
+@dataclass(frozen=True)
+class Block:
+    """A paragraph (or code block) and the headings it sits under, outermost first."""
+
+    text: str
+    headings: tuple[str, ...] = ()
+    page: int | None = None  # 1-based, PDFs only
+
+
+@dataclass(frozen=True)
+class ParsedDocument:
+    content_type: str
+    blocks: list[Block]
+    title: str | None = None  # detected: front matter, first heading, PDF metadata
+    n_bytes: int = 0
+    pages: int | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def text_chars(self) -> int:
+        return sum(len(block.text) for block in self.blocks)
+
+
+# ---------------------------------------------------------------------------- entry point
+def load_document(doc: DocumentIn, settings: RagSettings,
+                  param: str = "document") -> ParsedDocument:
+    """Decode, type-check, size-check and parse one uploaded document."""
+    content_type = normalise_content_type(doc.content_type) if doc.content_type else None
+    if doc.content is not None:
+        data: bytes | str = doc.content
+        n_bytes = len(doc.content.encode("utf-8", errors="surrogatepass"))
+        _check_size(n_bytes, settings, f"{param}.content")
+        content_type = content_type or "text/plain"
+        if content_type == "application/pdf":
+            raise ApiError(400, "A PDF must be sent base64-encoded in `content_b64`.",
+                           code="invalid_content", param=f"{param}.content")
+    else:
+        raw = doc.content_b64 or ""
+        # Refuse before decoding: base64 is 4/3 the size of the bytes it holds.
+        _check_size(len(raw) * 3 // 4 - 2, settings, f"{param}.content_b64")
+        try:
+            data = base64.b64decode(raw, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ApiError(400, "`content_b64` is not valid base64.", code="invalid_content",
+                           param=f"{param}.content_b64") from exc
+        n_bytes = len(data)
+        _check_size(n_bytes, settings, f"{param}.content_b64")
+        content_type = content_type or sniff_content_type(data, f"{param}.content_type")
+    _check_allowed(content_type, settings, f"{param}.content_type")
+    parsed = parse(data, content_type, settings=settings, param=param)
+    if not any(block.text.strip() for block in parsed.blocks):
+        hint = (" (a scanned PDF without a text layer? OCR is not supported)"
+                if content_type == "application/pdf" else "")
+        raise ApiError(400, f"Document {doc.id!r} has no text{hint}.", code="empty_document",
+                       param=param)
+    return ParsedDocument(parsed.content_type, parsed.blocks, parsed.title, n_bytes,
+                          parsed.pages, parsed.warnings)
+
+
+def parse(data: bytes | str, content_type: str, *, settings: RagSettings | None = None,
+          param: str = "document") -> ParsedDocument:
+    settings = settings or RagSettings()
+    if content_type == "application/pdf":
+        if isinstance(data, str):
+            raise ApiError(400, "A PDF must be given as bytes.", code="invalid_content",
+                           param=param)
+        return parse_pdf(data, max_pages=settings.max_pdf_pages, param=param)
+    text = data if isinstance(data, str) else decode_text(data, param)
+    if content_type == "text/markdown":
+        return parse_markdown(text)
+    if content_type == "text/plain":
+        return parse_plain_text(text)
+    raise _unsupported(content_type, list(SUPPORTED_CONTENT_TYPES), param)
+
+
+# ---------------------------------------------------------------------------- content types
+def normalise_content_type(value: str) -> str:
+    base = value.split(";", 1)[0].strip().lower()
+    return CONTENT_TYPE_ALIASES.get(base, base)
+
+
+def sniff_content_type(data: bytes, param: str) -> str:
+    if data[:1024].lstrip().startswith(b"%PDF-"):
+        return "application/pdf"
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(415, "Could not tell the type of `content_b64`; set `content_type` "
+                       f"to one of {', '.join(SUPPORTED_CONTENT_TYPES)}.",
+                       code="unsupported_media_type", param=param) from exc
+    return "text/plain"
+
+
+def _check_allowed(content_type: str, settings: RagSettings, param: str) -> None:
+    if content_type not in settings.allowed_content_types:
+        raise _unsupported(content_type, settings.allowed_content_types, param)
+
+
+def _unsupported(content_type: str, allowed: list[str], param: str) -> ApiError:
+    return ApiError(415, f"Unsupported content type {content_type!r}; supported: "
+                    f"{', '.join(allowed)}.", code="unsupported_media_type", param=param)
+
+
+def _check_size(n_bytes: int, settings: RagSettings, param: str) -> None:
+    if n_bytes > settings.max_document_bytes:
+        raise ApiError(413, f"Document is larger than {settings.max_document_bytes} bytes.",
+                       code="document_too_large", param=param)
+
+
+def decode_text(data: bytes, param: str = "document") -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, "Text documents must be UTF-8.", code="invalid_content",
+                       param=param) from exc
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def clean_text(text: str) -> str:
+    """Unix newlines, no control characters (tabs and newlines stay)."""
+    return _CONTROL.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
+
+
+# ---------------------------------------------------------------------------- plain text
+_BLANK_LINES = re.compile(r"\n[ \t]*\n+")
+
+
+def parse_plain_text(text: str) -> ParsedDocument:
+    return ParsedDocument("text/plain", [Block(p) for p in paragraphs(clean_text(text))])
+
+
+def paragraphs(text: str) -> list[str]:
+    out = []
+    for chunk in _BLANK_LINES.split(text):
+        lines = [line.rstrip() for line in chunk.strip("\n").split("\n")]
+        para = "\n".join(lines).strip()
+        if para:
+            out.append(para)
+    return out
+
+
+# ---------------------------------------------------------------------------- markdown
+_ATX = re.compile(r"^ {0,3}(#{1,6})(?:[ \t]+(.*?))?(?:[ \t]+#+)?[ \t]*$")
+_SETEXT = re.compile(r"^ {0,3}(=+|-+)[ \t]*$")
+_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
+_THEMATIC = re.compile(r"^ {0,3}([-*_])([ \t]*\1){2,}[ \t]*$")
+_IMAGE = re.compile(r"!\[([^\]]*)\]\([^)]*\)")
+_LINK = re.compile(r"\[([^\]]+)\]\([^)]*\)")
+_COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
+_EMPHASIS = re.compile(r"(\*\*|__|`)(.+?)\1")
+
+
+def inline_text(text: str) -> str:
+    """Markdown inline markup -> its visible text."""
+    text = _IMAGE.sub(r"\1", text)
+    text = _LINK.sub(r"\1", text)
+    return _EMPHASIS.sub(r"\2", text)
+
+
+def parse_markdown(text: str) -> ParsedDocument:
+    text = _COMMENT.sub("", clean_text(text))
+    lines = text.split("\n")
+    front_title, start = _front_matter(lines)
+    builder = _MarkdownBuilder()
+    fence: str | None = None
+    for line in lines[start:]:
+        if fence is not None:
+            if line.strip().startswith(fence) and not line.strip().strip(fence[0]):
+                builder.flush_code()
+                fence = None
+            else:
+                builder.code.append(line)
+            continue
+        if match := _FENCE.match(line):
+            builder.flush_paragraph()
+            fence = match.group(1)
+            continue
+        if match := _ATX.match(line):
+            builder.heading(len(match.group(1)), match.group(2) or "")
+            continue
+        if builder.para and (match := _SETEXT.match(line)):
+            title = " ".join(part.strip() for part in builder.para)
+            builder.para = []
+            builder.heading(1 if match.group(1).startswith("=") else 2, title)
+            continue
+        if _THEMATIC.match(line) or not line.strip():
+            builder.flush_paragraph()
+            continue
+        builder.para.append(line.rstrip())
+    if fence is not None:
+        builder.flush_code()
+    builder.flush_paragraph()
+    return ParsedDocument("text/markdown", builder.blocks, front_title or builder.first_title)
+
+
+class _MarkdownBuilder:
+    def __init__(self) -> None:
+        self.blocks: list[Block] = []
+        self.stack: list[tuple[int, str]] = []
+        self.para: list[str] = []
+        self.code: list[str] = []
+        self.first_title: str | None = None
+
+    @property
+    def path(self) -> tuple[str, ...]:
+        return tuple(title for _, title in self.stack if title)
+
+    def heading(self, level: int, raw: str) -> None:
+        self.flush_paragraph()
+        title = inline_text(raw.strip())
+        while self.stack and self.stack[-1][0] >= level:
+            self.stack.pop()
+        self.stack.append((level, title))
+        if title and self.first_title is None:
+            self.first_title = title
+
+    def flush_paragraph(self) -> None:
+        if self.para:
+            text = inline_text("\n".join(self.para)).strip()
+            if text:
+                self.blocks.append(Block(text, self.path))
+        self.para = []
+
+    def flush_code(self) -> None:
+        text = "\n".join(self.code).strip("\n")
+        if text.strip():
+            self.blocks.append(Block(text, self.path))
+        self.code = []
+
+
+def _front_matter(lines: list[str]) -> tuple[str | None, int]:
+    """YAML front matter (---\\n...\\n---) at the top: skipped; its `title:` kept."""
+    if not lines or lines[0].strip() != "---":
+        return None, 0
+    for index, line in enumerate(lines[1:60], start=1):
+        if line.strip() in ("---", "..."):
+            title = None
+            for item in lines[1:index]:
+                if item.lower().startswith("title:"):
+                    title = item.split(":", 1)[1].strip().strip("'\"") or None
+            return title, index + 1
+    return None, 0
+
+
+# ---------------------------------------------------------------------------- PDF
+_HYPHENATED = re.compile(r"(\w)-\n(\w)")
+
+
+def parse_pdf(data: bytes, *, max_pages: int, param: str = "document") -> ParsedDocument:
+    from pypdf import PdfReader
+
+    if not data[:1024].lstrip().startswith(b"%PDF-"):
+        raise ApiError(400, "The document is not a PDF (no %PDF- header).",
+                       code="invalid_pdf", param=param)
+    try:
+        reader = PdfReader(io.BytesIO(data), strict=False)
+        if reader.is_encrypted and not reader.decrypt(""):
+            raise ApiError(400, "The PDF is encrypted with a password.", code="invalid_pdf",
+                           param=param)
+        n_pages = len(reader.pages)
+    except ApiError:
+        raise
+    except Exception as exc:  # pypdf raises many types on damaged files (PdfReadError, ...)
+        raise ApiError(400, "The PDF could not be read.", code="invalid_pdf",
+                       param=param) from exc
+    if n_pages > max_pages:
+        raise ApiError(413, f"The PDF has {n_pages} pages; at most {max_pages} are accepted.",
+                       code="document_too_large", param=param)
+    outline = _outline_by_page(reader)
+    blocks: list[Block] = []
+    warnings: list[str] = []
+    path: tuple[str, ...] = ()
+    for index in range(n_pages):
+        path = outline.get(index, path)
+        try:
+            page_text = reader.pages[index].extract_text() or ""
+        except Exception:  # one damaged page should not lose the others
+            warnings.append(f"page {index + 1}: text could not be extracted")
+            continue
+        for para in _pdf_paragraphs(page_text):
+            blocks.append(Block(para, path, index + 1))
+    if warnings and not blocks:
+        raise ApiError(400, "The PDF could not be read.", code="invalid_pdf", param=param)
+    try:
+        title = ((reader.metadata.title or "").strip() or None) if reader.metadata else None
+    except Exception:  # damaged info dictionary: no title, the text still counts
+        title = None
+    return ParsedDocument("application/pdf", blocks, title, len(data), n_pages, warnings)
+
+
+def _pdf_paragraphs(text: str) -> list[str]:
+    text = _HYPHENATED.sub(r"\1\2", clean_text(text))
+    out = []
+    for para in paragraphs(text):
+        joined = " ".join(line.strip() for line in para.split("\n") if line.strip())
+        if joined:
+            out.append(joined)
+    return out
+
+
+def _outline_by_page(reader: object) -> dict[int, tuple[str, ...]]:
+    """0-based page -> heading path of the last outline entry starting on that page."""
+    entries: list[tuple[int, tuple[str, ...]]] = []
+
+    def walk(items: Iterable[object], parents: tuple[str, ...]) -> None:
+        last: tuple[str, ...] = parents
+        for item in items:
+            if isinstance(item, list):
+                walk(item, last)
+                continue
+            title = str(getattr(item, "title", "") or "").strip()
+            try:
+                page = reader.get_destination_page_number(item)  # type: ignore[attr-defined]
+            except Exception:
+                page = None
+            last = (*parents, title) if title else parents
+            if page is not None and page >= 0 and title:
+                entries.append((page, last))
+
+    try:
+        walk(reader.outline, ())  # type: ignore[attr-defined]
+    except Exception:
+        return {}
+    by_page: dict[int, tuple[str, ...]] = {}
+    for page, path in entries:  # document order: a later entry on a page wins
+        by_page[page] = path
+    return by_page
