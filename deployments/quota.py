@@ -112,10 +112,12 @@ class Quota:
 
     # ---------------------------------------------------------------- request path
     def admit(self, api_key: str | None, model: str, model_known: bool, prompt_tokens: int,
-              max_output_tokens: int | None, price: dict[str, float], request_id: str) -> Any:
+              max_output_tokens: int | None, price: dict[str, float], request_id: str,
+              key_id: str | None = None) -> Any:
         return _payload_errors(lambda: self.service.admit(
             api_key=api_key, model=model, model_known=model_known, prompt_tokens=prompt_tokens,
-            max_output_tokens=max_output_tokens, price=Price(**price), request_id=request_id))
+            max_output_tokens=max_output_tokens, price=Price(**price), request_id=request_id,
+            key_id=key_id))
 
     def authenticate(self, api_key: str | None) -> Any:
         def run() -> dict[str, Any]:

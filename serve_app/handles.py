@@ -122,7 +122,7 @@ class QuotaClient:
         return await self.call("admit", kwargs["api_key"], kwargs["model"],
                                kwargs["model_known"], kwargs["prompt_tokens"],
                                kwargs["max_output_tokens"], kwargs["price"],
-                               kwargs["request_id"])
+                               kwargs["request_id"], kwargs.get("key_id"))
 
     async def settle(self, row: dict[str, Any]) -> None:
         """Commit the usage row, retrying while the Quota replica is away (it is restarted
@@ -246,3 +246,81 @@ class RetrieverClient:
             if any(current.get(doc) != version for doc, version in versions.items()):
                 return False
         return True
+
+
+class RemoteClient:
+    """Calls to the RemoteLLM deployment as fallback-chain targets (one per provider)."""
+
+    def __init__(self, handle: Any, timeout_s: float) -> None:
+        self.handle = handle
+        self.timeout_s = timeout_s
+
+    def target_calls(self, provider: str) -> Any:
+        from serve_app.routing.chains import TargetCalls
+
+        async def complete(request: dict[str, Any], request_id: str) -> dict[str, Any]:
+            response = self.handle.chat.remote(provider, request, request_id)
+            try:
+                return await asyncio.wait_for(_await(response), self.timeout_s)
+            except asyncio.TimeoutError as exc:
+                response.cancel()
+                raise ApiError(504, f"{provider} did not answer in time.",
+                               code="upstream_timeout") from exc
+
+        def stream(request: dict[str, Any], request_id: str) -> Any:
+            return self.handle.options(stream=True).chat_stream.remote(
+                provider, request, request_id)
+
+        return TargetCalls(complete, stream)
+
+
+class AgentClient:
+    """Calls to the AgentRunner deployment; a message can run the loop for minutes."""
+
+    def __init__(self, handle: Any, timeout_s: float, long_timeout_s: float) -> None:
+        self.handle = handle
+        self.timeout_s = timeout_s
+        self.long_timeout_s = long_timeout_s
+
+    async def call(self, method: str, *args: Any, long: bool = False) -> Any:
+        if method == "confirm":
+            session_id, call_id, body, confirmer, may_confirm, owner = args
+            response = self.handle.confirm.remote(session_id, call_id, body,
+                                                  confirmer=confirmer,
+                                                  may_confirm=may_confirm, owner=owner)
+        else:
+            response = getattr(self.handle, method).remote(*args)
+        timeout = self.long_timeout_s if long else self.timeout_s
+        try:
+            result = await asyncio.wait_for(_await(response), timeout)
+        except asyncio.TimeoutError as exc:
+            response.cancel()
+            raise ApiError(504, "The agent did not finish in time; GET the session for its "
+                           "state.", code="timeout") from exc
+        except Exception as exc:
+            raise ApiError(503, "The agent service is unavailable; retry.",
+                           code="agent_unavailable") from exc
+        if is_error_payload(result):
+            raise ApiError.from_payload(result)
+        return result
+
+
+class GatewayLLMPort:
+    """The agent's LLM port: each step goes through the Gateway's chat pipeline (routing,
+    cache, accounting), charged to the session's key. Picklable: the handle is resolved
+    in the AgentRunner replica (the Gateway of the same application)."""
+
+    def __init__(self, timeout_s: float = 300.0) -> None:
+        self.timeout_s = timeout_s
+        self._handle: LazyHandle | None = None
+
+    async def complete(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self._handle is None:
+            self._handle = LazyHandle("Gateway", None)
+        metadata = request.get("metadata") or {}
+        result = await self._handle.call("agent_complete", request,
+                                         metadata.get("billing_key_id"),
+                                         timeout_s=self.timeout_s)
+        if is_error_payload(result):
+            raise ApiError.from_payload(result)
+        return result

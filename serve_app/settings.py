@@ -11,9 +11,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from serve_app.agent.config import AgentSettings
 from serve_app.cache.config import CacheSettings
 from serve_app.quota.pricing import Price
 from serve_app.rag.config import RagSettings
+from serve_app.routing.config import RouterSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,10 +135,12 @@ class StackAppSettings(StrictModel):
     quota: QuotaSettings = QuotaSettings()
     cache: CacheSettings = CacheSettings()
     rag: RagSettings = RagSettings()
+    router: RouterSettings = RouterSettings()
+    agent: AgentSettings = AgentSettings()
     prices: dict[str, Price] = Field(
         default_factory=dict,
-        description="USD per million input/output tokens by model name (the local model's "
-        "price is a chargeback rate; remote providers carry their own prices).")
+        description="USD per million input/output tokens of models outside the router "
+        "(the embedding model). Chat targets are priced in `router` (local, providers).")
 
     @field_validator("data_dir")
     @classmethod

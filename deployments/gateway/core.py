@@ -8,29 +8,36 @@ from fastapi import Request
 from ray import serve
 
 from deployments.gateway.admin_routes import AdminRoutes
+from deployments.gateway.agent_routes import AgentRoutes
 from deployments.gateway.cache_routes import CacheRoutes
 from deployments.gateway.fastapi_app import api_key_of, app
 from deployments.gateway.openai_routes import OpenAIRoutes
 from deployments.gateway.rag_routes import RagRoutes
-from serve_app.chat_service import ChatService, ModelTarget
+from serve_app.cache_stage import CacheStage
+from serve_app.chat_service import ChatService
+from serve_app.errors import ApiError
 from serve_app.handles import (
+    AgentClient,
     CacheClient,
     LazyHandle,
     LocalLLMClient,
     QuotaClient,
+    RemoteClient,
     RetrieverClient,
 )
 from serve_app.http_edge import context_of, register_edge_hooks
 from serve_app.metrics import serve_metrics
 from serve_app.request_context import RequestContext, RequestLogger
+from serve_app.routing.chains import TargetCalls
+from serve_app.routing.gateway_router import GatewayRouter
 from serve_app.settings import StackAppSettings
 
 
 @serve.deployment(name="Gateway", max_ongoing_requests=128)
 @serve.ingress(app)
-class Gateway(OpenAIRoutes, AdminRoutes, CacheRoutes, RagRoutes):
+class Gateway(OpenAIRoutes, AdminRoutes, CacheRoutes, RagRoutes, AgentRoutes):
     def __init__(self, settings: dict[str, Any], quota: Any, cache: Any,
-                 retriever: Any) -> None:
+                 retriever: Any, classifier: Any, remote: Any, agent: Any) -> None:
         self.settings = StackAppSettings.model_validate(settings)
         models_app = self.settings.models_app
         self.llm = LazyHandle("LocalLLM", models_app)
@@ -43,21 +50,15 @@ class Gateway(OpenAIRoutes, AdminRoutes, CacheRoutes, RagRoutes):
             ingest_timeout_s=self.settings.gateway.ingest_timeout_s)
         self.metrics = serve_metrics()
         self.request_log = RequestLogger(self.settings.data_dir / "logs")
+        self.classifier = classifier
+        agent_settings = self.settings.agent
+        self.agent = AgentClient(
+            agent, timeout_s=self.settings.gateway.request_timeout_s,
+            long_timeout_s=agent_settings.max_budgets.wall_clock_s
+            + agent_settings.sandbox.wall_seconds + 60)
+        self.remote = RemoteClient(remote, timeout_s=self.settings.gateway.request_timeout_s)
         self._model_info: dict[str, dict[str, Any]] = {}
-        self.chat = ChatService(
-            targets=self._targets,
-            accounting=self.accounting,
-            price_of=self.settings.price_of,
-            cache=self.cache,
-            cache_settings=self.settings.cache,
-            embed=self.embed,
-            retriever=self.retriever,
-            rag_settings=self.settings.rag,
-            prompt_log_mode=self.settings.gateway.log_prompts,
-            on_tokens=self._count_tokens,
-            on_ttft=lambda model, s: self.metrics.ttft.observe(
-                s, tags={"gen_ai_request_model": model}),
-        )
+        self._chat: ChatService | None = None
         register_edge_hooks(max_body_bytes=self.settings.gateway.max_body_bytes,
                             max_upload_bytes=self.settings.gateway.max_upload_bytes,
                             on_complete=self.finish_request)
@@ -71,10 +72,40 @@ class Gateway(OpenAIRoutes, AdminRoutes, CacheRoutes, RagRoutes):
             self._model_info = {"chat": llm, "embedding": embedder}
         return self._model_info
 
-    def _targets(self) -> dict[str, ModelTarget]:
-        name = self._model_info["chat"]["id"]
-        client = LocalLLMClient(self.llm, self.settings.gateway.request_timeout_s)
-        return {name: ModelTarget(name=name, client=client)}
+    @property
+    def chat(self) -> ChatService:
+        """The pipeline; built once the local model's name is known (models())."""
+        if self._chat is None:
+            self._chat = self._build_chat(self._model_info["chat"]["id"])
+        return self._chat
+
+    def _build_chat(self, local_model: str) -> ChatService:
+        local = LocalLLMClient(self.llm, self.settings.gateway.request_timeout_s)
+        router = GatewayRouter(
+            self.settings.router, local_model=local_model,
+            local=TargetCalls(local.complete, local.stream),
+            remote=self.remote.target_calls, classify=self._classify, embed=self.embed)
+        cache = CacheStage(self.cache, self.settings.cache, self.embed,
+                           self._price_of_answer, self.settings.rag.max_sources_header_bytes)
+        return ChatService(
+            router=router, accounting=self.accounting, cache=cache, retriever=self.retriever,
+            rag_settings=self.settings.rag, prompt_log_mode=self.settings.gateway.log_prompts,
+            on_tokens=self._count_tokens,
+            on_ttft=lambda model, s: self.metrics.ttft.observe(
+                s, tags={"gen_ai_request_model": model}))
+
+    def _price_of_answer(self, model: str):
+        """Price of the model that produced a cached answer (what a hit saves)."""
+        router = self.chat.router
+        target = router.policy.explicit_targets.get(model)
+        return router.price(target) if target else self.settings.price_of(model)
+
+    async def _classify(self, text: str, vector: list[float],
+                        thresholds: dict[str, float] | None) -> dict[str, Any]:
+        try:
+            return await self.classifier.classify.remote(text, vector, thresholds)
+        except Exception as exc:  # the router falls back to a safe tier
+            raise ApiError(503, "classifier unavailable", code="classifier_unavailable") from exc
 
     async def embed(self, texts: list[str]) -> list[list[float]]:
         return await self.embedder.call("embed", texts,

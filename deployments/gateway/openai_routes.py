@@ -38,7 +38,11 @@ class OpenAIRoutes:
     async def list_models(self, request: Request) -> dict[str, Any]:
         await self.authenticate(request)
         models = await self.models()
-        return {"object": "list", "data": [models["chat"], models["embedding"]]}
+        aliases = [{"id": alias, "object": "model", "created": 0, "owned_by": "rag",
+                    "model": target.model, "collection": target.collection}
+                   for alias, target in self.settings.rag.model_aliases.items()]
+        return {"object": "list", "data": [models["chat"], models["embedding"],
+                                           *self.chat.router.catalog(), *aliases]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):

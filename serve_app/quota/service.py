@@ -78,8 +78,22 @@ class QuotaService:
         self.reservations: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ admission
-    def authenticate(self, api_key: str | None) -> ApiKeyRecord | None:
-        """The key's record, None for an anonymous request (auth not required), or ApiError."""
+    def authenticate(self, api_key: str | None,
+                     key_id: str | None = None) -> ApiKeyRecord | None:
+        """The key's record, None for an anonymous request (auth not required), or ApiError.
+        `key_id` is for calls made on behalf of a key already authenticated (an agent
+        session's steps): no secret, but disabled and expired keys still fail."""
+        if key_id is not None:
+            record = self.accounts.get(key_id)
+            if record is None:
+                raise ApiError(401, "The session's API key no longer exists.",
+                               code="invalid_api_key")
+            if record.disabled or (record.expires_at is not None
+                                   and self.clock() >= record.expires_at):
+                reason = "disabled" if record.disabled else "expired"
+                message, code = _AUTH_MESSAGES[reason]
+                raise ApiError(401, message, code=code)
+            return record
         if not api_key and not self.policy.auth_required:
             return None
         try:
@@ -90,10 +104,10 @@ class QuotaService:
 
     def admit(self, *, api_key: str | None, model: str, model_known: bool,
               prompt_tokens: int, max_output_tokens: int | None, price: Price,
-              request_id: str) -> dict[str, Any]:
+              request_id: str, key_id: str | None = None) -> dict[str, Any]:
         """Authenticate, authorise the model and reserve RPM, TPM and budget, atomically.
         Returns {"principal", "reservation"}; raises ApiError (401/403/404/429)."""
-        record = self.authenticate(api_key)
+        record = self.authenticate(api_key, key_id)
         if not model_known:
             raise ApiError(404, f"The model '{model}' does not exist. GET /v1/models lists the "
                            "models served here.", code="model_not_found", param="model")

@@ -20,7 +20,8 @@ def stack(cluster, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("cache")
     args = {"cache": {"flush_interval_s": 0.2, "max_entries": MAX_ENTRIES,
                       "evict_to_fraction": 0.5},
-            "prices": {MODEL: PRICE}}
+            "router": {"local": {"price_in_per_mtok": PRICE["input_per_mtok"],
+                                 "price_out_per_mtok": PRICE["output_per_mtok"]}}}
     cluster.deploy_stack(data_dir, args)
     cluster.data_dir = data_dir
     cluster.stack_args = args

@@ -38,8 +38,8 @@ def stack(cluster, tmp_path_factory, webhook):
         data_dir,
         {"quota": {"window_s": WINDOW_S, "alert_webhook_url": webhook.url,
                    "webhook_first_delay_s": 0.05, "settle_retry_s": 60},
-         "prices": {MODEL: {"input_per_mtok": PRICE_PER_TOKEN * 1e6,
-                            "output_per_mtok": PRICE_PER_TOKEN * 1e6}},
+         "router": {"local": {"price_in_per_mtok": PRICE_PER_TOKEN * 1e6,
+                              "price_out_per_mtok": PRICE_PER_TOKEN * 1e6}},
          "gateway": {"log_prompts": "hash"}},
         deployments={"Gateway": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.25}}})
     cluster.data_dir = data_dir

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import time
 
 import httpx
@@ -21,7 +22,9 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 @pytest.fixture(scope="module")
 def stack(cluster, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("serving")
-    cluster.deploy_stack(data_dir, {"gateway": {"max_body_bytes": 200_000}})
+    # The cache would answer repeated greedy questions itself; test_cache.py covers it.
+    cluster.deploy_stack(data_dir, {"gateway": {"max_body_bytes": 200_000},
+                                    "cache": {"enabled": False}})
     cluster.data_dir = data_dir
     cluster.api_key = create_key(cluster.base_url, tenant="serving")["key"]
     return cluster
@@ -201,6 +204,20 @@ def test_sdk_raises_typed_errors(client):
     assert caught.value.code == "context_length_exceeded"
 
 
+# ---------------------------------------------------------------------------- offline default
+@pytest.mark.skipif(bool(os.environ.get("OPENAI_API_KEY")), reason="a provider key is set")
+@pytest.mark.parametrize("tier", ["medium", "large"])
+def test_offline_default_falls_back_to_the_local_model_and_says_so(client, tier):
+    raw = client.chat.completions.with_raw_response.create(
+        model=tier, messages=QUESTION, max_tokens=4, temperature=0)
+    assert raw.headers["x-model"] == MODEL and raw.headers["x-route-tier"] == tier
+    hops = raw.headers["x-fallback"].split(">")
+    assert hops[-1] == "local" and all(h.endswith(":no_key") for h in hops[:-1])
+    auto = client.chat.completions.with_raw_response.create(
+        model="auto", messages=QUESTION, max_tokens=4, temperature=0)
+    assert auto.headers["x-model"] == MODEL and "x-route-score" in auto.headers
+
+
 # ---------------------------------------------------------------------------- concurrency
 def test_eight_concurrent_requests_all_succeed(stack):
     async def run() -> list:
@@ -300,7 +317,9 @@ def test_engine_failure_is_503_then_the_replica_recovers(stack, client, http):
                          json={"model": MODEL, "messages": QUESTION, "max_tokens": 4})
     assert response.status_code == 503, response.text
     error = response.json()["error"]
-    assert error["code"] in ("engine_unavailable", "service_unavailable")
+    # The local model is the only target of its explicit chain: the chain reports it.
+    assert error["code"] == "all_targets_failed" and "local (503)" in error["message"]
+    assert response.headers["x-fallback"] == "local:503"
     assert "Traceback" not in error["message"]
     # Serve's health check replaces the replica; the service comes back on its own.
     stack.wait_ready(timeout_s=600)

@@ -78,3 +78,19 @@ def test_history_with_tool_traffic_is_flattened_for_plain_templates():
     assert messages[0]["content"].startswith("Be brief.")
     assert json.loads(messages[2]["content"])["tool_calls"][0]["arguments"] == {"city": "Oslo"}
     assert messages[3]["role"] == "user" and "12C" in messages[3]["content"]
+
+
+def test_repeated_calls_are_capped_deduplicated_and_truncation_keeps_complete_calls():
+    fmt = ToolCallFormat.for_request(request(tools=[WEATHER, TIME]))
+    schema = fmt.output_schema()["anyOf"][0]["properties"]["tool_calls"]
+    assert schema["maxItems"] == 4
+    args_schema = schema["items"]["anyOf"][0]["properties"]["arguments"]
+    assert args_schema["additionalProperties"] is False
+    repeated = json.dumps({"tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}},
+                                          {"name": "get_weather", "arguments": {"city": "Oslo"}},
+                                          {"name": "get_time", "arguments": {}}]})
+    message, reason = fmt.parse_output(repeated, "stop")
+    assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_weather", "get_time"]
+    cut = '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}, {"name": "get_we'
+    message, reason = fmt.parse_output(cut, "length")
+    assert reason == "tool_calls" and len(message["tool_calls"]) == 1

@@ -1,0 +1,128 @@
+"""AgentRunner: agent sessions (loop, tools, confirmations, sandbox, audit) behind a handle.
+Thin shell over serve_app.agent.runner.AgentService; every method returns a JSON-able dict
+or an `ApiError` payload (never raises across the handle).
+
+Arguments (bound in the app builder):
+- settings: the stack settings dict; `data_dir`, and the `agent` section (AgentSettings).
+- llm: optional object with `async complete(request_dict) -> completion dict` or a
+  DeploymentHandle with a `complete` method (the chat routing/accounting path). Without it,
+  `agent.llm_base_url` (an OpenAI-compatible server) is used.
+- retriever: optional DeploymentHandle with `search(query, top_k) -> list[dict]`.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ray import serve
+
+from serve_app.agent.config import AgentSettings
+from serve_app.agent.llm_port import LLMPort, OpenAICompatibleLLM
+from serve_app.agent.protocol import ConfirmRequest, CreateSessionRequest, PostMessageRequest, parse
+from serve_app.agent.runner import AgentService
+from serve_app.agent.sandbox import SandboxUnavailable
+from serve_app.errors import ApiError, is_error_payload
+from serve_app.settings import resolve_data_dir
+
+logger = logging.getLogger(__name__)
+
+
+class _HandlePort:
+    """LLMPort over a deployment handle (`<method>.remote(request)`)."""
+
+    def __init__(self, handle: Any, method: str = "complete") -> None:
+        self.handle = handle
+        self.method = method
+
+    async def complete(self, request: dict[str, Any]) -> dict[str, Any]:
+        return await getattr(self.handle, self.method).remote(request)
+
+
+class _Unwired:
+    async def complete(self, request: dict[str, Any]) -> dict[str, Any]:
+        raise ApiError(503, "The agent has no model configured (agent.llm_base_url).",
+                       code="service_unavailable")
+
+
+def _port(llm: Any, settings: AgentSettings) -> LLMPort:
+    if llm is not None:
+        # A DeploymentHandle's methods have `.remote`; a plain port is awaited directly.
+        return _HandlePort(llm) if hasattr(getattr(llm, "complete", None), "remote") else llm
+    if settings.llm_base_url:
+        return OpenAICompatibleLLM(settings.llm_base_url, api_key_env=settings.llm_api_key_env,
+                                   timeout_s=settings.llm_timeout_s)
+    return _Unwired()
+
+
+def _retrieve(retriever: Any) -> Callable[..., Awaitable[list[dict[str, Any]]]] | None:
+    """The retrieve tool over the Retriever deployment: the session owner's collection
+    named in the session's metadata (`collection`, default "default")."""
+    if retriever is None:
+        return None
+
+    async def search(query: str, top_k: int, owner: str | None,
+                     metadata: dict[str, Any]) -> list[dict[str, Any]]:
+        result = await retriever.search.remote(owner or "", metadata.get("collection")
+                                               or "default", query, top_k)
+        if is_error_payload(result):
+            raise ApiError.from_payload(result)
+        return [{"source_id": c.get("source_id"), "title": c.get("title"),
+                 "score": c.get("score"), "text": c.get("text")} for c in result]
+
+    return search
+
+
+async def _guarded(call: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+    try:
+        return await call
+    except ApiError as error:
+        return error.to_payload()
+
+
+@serve.deployment(name="AgentRunner", max_ongoing_requests=64)
+class AgentRunner:
+    def __init__(self, settings: dict[str, Any], llm: Any = None, retriever: Any = None) -> None:
+        agent_settings = AgentSettings.model_validate(settings.get("agent") or {})
+        self.service = AgentService(agent_settings, resolve_data_dir(settings["data_dir"]),
+                                    _port(llm, agent_settings), retrieve=_retrieve(retriever))
+        try:
+            self.service.sandbox.check()
+        except SandboxUnavailable as error:  # the python tool will answer with this reason
+            logger.warning("agent sandbox unavailable: %s", error)
+
+    async def create_session(self, body: dict[str, Any], owner: str | None) -> dict[str, Any]:
+        async def run() -> dict[str, Any]:
+            request = parse(CreateSessionRequest, body)
+            return await self.service.create_session(owner=owner, **request.model_dump())
+        return await _guarded(run())
+
+    async def post_message(self, session_id: str, body: dict[str, Any],
+                           owner: str | None) -> dict[str, Any]:
+        async def run() -> dict[str, Any]:
+            request = parse(PostMessageRequest, body)
+            return await self.service.post_message(session_id, request.content, owner=owner)
+        return await _guarded(run())
+
+    async def get(self, session_id: str, owner: str | None) -> dict[str, Any]:
+        return await _guarded(self.service.get(session_id, owner=owner))
+
+    async def audit(self, session_id: str, owner: str | None) -> dict[str, Any]:
+        return await _guarded(self.service.audit(session_id, owner=owner))
+
+    async def confirm(self, session_id: str, call_id: str, body: dict[str, Any], *,
+                      confirmer: str, may_confirm: bool, owner: str | None) -> dict[str, Any]:
+        async def run() -> dict[str, Any]:
+            request = parse(ConfirmRequest, body)
+            return await self.service.confirm(session_id, call_id, approve=request.approve,
+                                              confirmer=confirmer, may_confirm=may_confirm,
+                                              owner=owner)
+        return await _guarded(run())
+
+    async def delete(self, session_id: str, owner: str | None) -> dict[str, Any]:
+        return await _guarded(self.service.delete(session_id, owner=owner))
+
+    def verify_audit_chain(self) -> dict[str, Any]:
+        broken = self.service.verify_audit_chain()
+        return {"valid": broken is None, "first_broken": broken,
+                "head": self.service.audit_log.head()}

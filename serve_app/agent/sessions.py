@@ -1,0 +1,168 @@
+"""Agent sessions persisted in SQLite (WAL, synchronous=FULL), so any replica can resume a
+session and a restart loses nothing.
+
+Two guards keep replicas apart:
+- a lease (`acquire`/`release`): only the holder runs the session's steps; a lease that
+  outlives its holder (crash) expires and can be taken over;
+- optimistic concurrency: every save names the version it read and fails with
+  `SessionConflict` if anyone saved in between.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+RUNNING = "running"
+AWAITING = "awaiting_confirmation"
+COMPLETED = "completed"
+ERROR = "error"  # the last run failed upstream (LLM unavailable); a new message resumes
+STOPPED = "stopped"  # a budget or guardrail stop; final
+DELETED = "deleted"  # final
+STATUSES = (RUNNING, AWAITING, COMPLETED, ERROR, STOPPED, DELETED)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS agent_sessions (
+    id TEXT PRIMARY KEY,
+    owner TEXT,
+    status TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    lease_owner TEXT,
+    lease_until REAL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    state TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS agent_sessions_owner ON agent_sessions (owner, created_at);
+"""
+
+
+class SessionConflict(Exception):
+    """Someone else saved the session since it was loaded (or holds its lease)."""
+
+
+@dataclass
+class Session:
+    id: str
+    owner: str | None
+    model: str
+    tools: list[str]
+    limits: dict[str, Any]
+    status: str = COMPLETED
+    usage: dict[str, Any] = field(default_factory=dict)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    # The assistant turn's tool calls not handled yet (OpenAI tool_call dicts).
+    queue: list[dict[str, Any]] = field(default_factory=list)
+    # The irreversible call waiting for a human: call_id, tool, arguments, reason,
+    # step, requested_at, expires_at.
+    pending: dict[str, Any] | None = None
+    # The call being executed right now; found set after a crash -> outcome unknown.
+    in_flight: dict[str, Any] | None = None
+    loop_counts: dict[str, int] = field(default_factory=dict)
+    step: int = 0  # LLM calls made so far; tool calls carry the step that asked for them
+    stop: dict[str, str] | None = None  # {"reason", "detail"}
+    last_error: str | None = None
+    goal: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    version: int = 0
+
+    def state(self) -> str:
+        data = asdict(self)
+        for column in ("id", "owner", "status", "version", "created_at", "updated_at"):
+            data.pop(column)
+        return json.dumps(data, ensure_ascii=False)
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> "Session":
+        state = json.loads(row["state"])
+        return cls(id=row["id"], owner=row["owner"], status=row["status"],
+                   version=row["version"], created_at=row["created_at"],
+                   updated_at=row["updated_at"], **state)
+
+
+class SessionStore:
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                   timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def create(self, session: Session) -> Session:
+        now = self.clock()
+        session.created_at = session.updated_at = now
+        session.version = 1
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO agent_sessions (id, owner, status, version, created_at, "
+                "updated_at, state) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (session.id, session.owner, session.status, session.version, now, now,
+                 session.state()))
+        return session
+
+    def load(self, session_id: str) -> Session | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM agent_sessions WHERE id = ?",
+                                   (session_id,)).fetchone()
+        return Session.from_row(row) if row else None
+
+    def save(self, session: Session) -> Session:
+        """Write the session if nobody saved since it was loaded; bumps its version."""
+        now = self.clock()
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE agent_sessions SET status = ?, version = version + 1, updated_at = ?, "
+                "state = ? WHERE id = ? AND version = ?",
+                (session.status, now, session.state(), session.id, session.version))
+        if cursor.rowcount != 1:
+            raise SessionConflict(f"session {session.id} was changed by another replica")
+        session.version += 1
+        session.updated_at = now
+        return session
+
+    # ------------------------------------------------------------------ leases
+    def acquire(self, session_id: str, holder: str, ttl_s: float) -> bool:
+        """Take the session's lease if it is free, expired, or already ours."""
+        now = self.clock()
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE agent_sessions SET lease_owner = ?, lease_until = ? WHERE id = ? AND "
+                "(lease_owner IS NULL OR lease_until < ? OR lease_owner = ?)",
+                (holder, now + ttl_s, session_id, now, holder))
+        return cursor.rowcount == 1
+
+    def release(self, session_id: str, holder: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE agent_sessions SET lease_owner = NULL, lease_until = NULL "
+                "WHERE id = ? AND lease_owner = ?", (session_id, holder))
+
+    def lease(self, session_id: str) -> tuple[str | None, float | None]:
+        with self._lock:
+            row = self._db.execute("SELECT lease_owner, lease_until FROM agent_sessions "
+                                   "WHERE id = ?", (session_id,)).fetchone()
+        return (row["lease_owner"], row["lease_until"]) if row else (None, None)
+
+    def list_ids(self, owner: str | None = None) -> list[str]:
+        with self._lock:
+            if owner is None:
+                rows = self._db.execute("SELECT id FROM agent_sessions ORDER BY created_at")
+            else:
+                rows = self._db.execute("SELECT id FROM agent_sessions WHERE owner = ? "
+                                        "ORDER BY created_at", (owner,))
+            return [row["id"] for row in rows.fetchall()]

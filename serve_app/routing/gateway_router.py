@@ -1,0 +1,141 @@
+"""The router as the gateway uses it: model name -> route -> fallback chain, prices and the
+model catalogue. No Ray: the local model, the providers, the classifier and the embedder
+are injected callables (the gateway passes handles; tests pass fakes)."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from serve_app.errors import ApiError
+from serve_app.quota.pricing import Price
+from serve_app.routing.chains import ChainBuilder, TargetCalls
+from serve_app.routing.config import LOCAL_TARGET, TIERS, RouterSettings
+from serve_app.routing.fallback import FallbackChain
+from serve_app.routing.policy import RouteRequest, RoutingPolicy
+
+logger = logging.getLogger(__name__)
+
+Classify = Callable[[str, list[float], dict[str, float] | None], Awaitable[dict[str, Any]]]
+Embed = Callable[[list[str]], Awaitable[list[list[float]]]]
+FALLBACK_TIER = "medium"  # where `auto` goes when the classifier cannot answer
+
+
+@dataclass
+class RouteDecision:
+    route: RouteRequest
+    chain: FallbackChain
+    tier: str | None = None
+    score: float | None = None
+    model_version: str | None = None
+
+    def headers(self) -> dict[str, str]:
+        headers = {}
+        if self.tier:
+            headers["x-route-tier"] = self.tier
+        if self.score is not None:
+            headers["x-route-score"] = f"{self.score:.4f}"
+        return headers
+
+
+class GatewayRouter:
+    def __init__(self, settings: RouterSettings, *, local_model: str, local: TargetCalls,
+                 remote: Callable[[str], TargetCalls], classify: Classify, embed: Embed,
+                 environ: Mapping[str, str] | None = None,
+                 local_skip: Callable[[], str | None] | None = None) -> None:
+        self.settings = settings
+        self.local_model = local_model
+        self.environ = environ
+        self.classify = classify
+        self.embed = embed
+        self.policy = RoutingPolicy(settings.policy,
+                                    explicit_targets=settings.explicit_targets(local_model))
+        self.chains = ChainBuilder(settings, local=local, remote=remote,
+                                   local_model=local_model, environ=environ,
+                                   local_skip=local_skip)
+
+    # ------------------------------------------------------------------ names and prices
+    def resolve(self, model: str) -> RouteRequest | None:
+        return self.policy.resolve(model)
+
+    def _candidate_targets(self, route: RouteRequest) -> list[str]:
+        if route.kind == "explicit":
+            assert route.target is not None
+            chains = {tier: self.settings.tiers.chain(tier) for tier in TIERS}
+            return self.policy.explicit_chain(route.target, chains)
+        tiers = TIERS if route.kind == "auto" else (route.tier,)
+        names: list[str] = []
+        for tier in tiers:
+            names += [n for n in self.settings.resolved_chain(tier, self.environ)
+                      if n not in names]
+        return names
+
+    def price(self, target: str) -> Price:
+        pricing = self.settings.local if target == LOCAL_TARGET else self.settings.provider(target)
+        return Price(input_per_mtok=pricing.price_in_per_mtok,
+                     output_per_mtok=pricing.price_out_per_mtok)
+
+    def worst_price(self, route: RouteRequest) -> Price:
+        """The dearest target the request may end up on: what the budget reserves."""
+        prices = [self.price(t) for t in self._candidate_targets(route)
+                  if t == LOCAL_TARGET or self.settings.target_available(t, self.environ)]
+        if not prices:
+            return Price()
+        return Price(input_per_mtok=max(p.input_per_mtok for p in prices),
+                     output_per_mtok=max(p.output_per_mtok for p in prices))
+
+    def cost(self, target: str, tokens_in: int, tokens_out: int) -> float:
+        return self.settings.target_cost_usd(target, tokens_in, tokens_out)
+
+    # ------------------------------------------------------------------ decisions
+    async def decide(self, route: RouteRequest, messages: Sequence[Mapping[str, Any]],
+                     vector: list[float] | None, overrides: Mapping[str, Any] | None
+                     ) -> RouteDecision:
+        if route.kind == "explicit":
+            assert route.target is not None
+            return RouteDecision(route, self.chains.for_explicit(route.target, self.policy))
+        if route.kind == "tier":
+            assert route.tier is not None
+            return RouteDecision(route, self.chains.for_tier(route.tier), tier=route.tier)
+        text = routing_text(messages)
+        try:
+            if vector is None:
+                vector = (await self.embed([text]))[0]
+            thresholds = (overrides or {}).get("thresholds")
+            verdict = await self.classify(text, vector, thresholds)
+        except ApiError as error:
+            # No outage of the classifier reaches the client: a safe middle tier answers.
+            logger.warning("classifier unavailable (%s); routing to %s", error.message,
+                           FALLBACK_TIER)
+            return RouteDecision(route, self.chains.for_tier(FALLBACK_TIER), tier=FALLBACK_TIER)
+        tier = verdict["tier"]
+        return RouteDecision(route, self.chains.for_tier(tier), tier=tier,
+                             score=float(verdict["score"]),
+                             model_version=verdict.get("model_version"))
+
+    # ------------------------------------------------------------------ catalogue
+    def catalog(self) -> list[dict[str, Any]]:
+        """Models and aliases clients may name (GET /v1/models)."""
+        entries = [{"id": self.settings.policy.auto_alias, "object": "model", "created": 0,
+                    "owned_by": "router", "description": "complexity-routed across tiers"}]
+        for tier in TIERS:
+            entries.append({"id": tier, "object": "model", "created": 0, "owned_by": "router",
+                            "chain": self.settings.resolved_chain(tier, self.environ)})
+        for provider in self.settings.providers:
+            entries.append({"id": provider.model, "object": "model", "created": 0,
+                            "owned_by": provider.name,
+                            "available": provider.available(self.environ)})
+        return entries
+
+
+def routing_text(messages: Sequence[Mapping[str, Any]]) -> str:
+    """The text the classifier scores: the last user message."""
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):
+                return "".join(part.get("text", "") for part in content
+                               if isinstance(part, Mapping))
+            return str(content or "")
+    return ""
