@@ -39,18 +39,9 @@ class LazyHandle:
         return self._handle
 
     async def call(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
-        response = getattr(self.get(), method).remote(*args)
-        try:
-            return await asyncio.wait_for(_await(response), timeout_s)
-        except asyncio.TimeoutError as exc:
-            response.cancel()
-            raise ApiError(504, f"{self.deployment} did not answer within {timeout_s:.0f}s.",
-                           code="timeout") from exc
-        except ApiError:
-            raise
-        except Exception as exc:  # replica died, actor error: unavailable, never a trace
-            raise ApiError(503, f"{self.deployment} failed; retry the request.",
-                           code="service_unavailable") from exc
+        """Returns error payloads as they are (callers decide what they mean)."""
+        return await call_handle(getattr(self.get(), method).remote(*args), timeout_s,
+                                 self.deployment, "service_unavailable", unwrap=False)
 
     def stream(self, method: str, *args: Any) -> Any:
         return getattr(self.get().options(stream=True), method).remote(*args)
@@ -58,6 +49,28 @@ class LazyHandle:
 
 async def _await(response: Any) -> Any:
     return await response
+
+
+async def call_handle(response: Any, timeout_s: float | None, service: str, code: str,
+                      *, timeout_status: int = 504, timeout_code: str = "timeout",
+                      unwrap: bool = True) -> Any:
+    """Await a DeploymentResponse. A timeout cancels it (504), a dead or failing replica
+    is 503 `code`; with `unwrap`, an error payload becomes the ApiError it describes.
+    One place for the failure mapping every client below needs."""
+    try:
+        result = await asyncio.wait_for(_await(response), timeout_s)
+    except asyncio.TimeoutError as exc:
+        response.cancel()
+        raise ApiError(timeout_status, f"{service} did not answer in time.",
+                       code=timeout_code) from exc
+    except ApiError:
+        raise
+    except Exception as exc:  # replica died, actor error: unavailable, never a trace
+        raise ApiError(503, f"{service} is unavailable; retry the request.",
+                       code=code) from exc
+    if unwrap and is_error_payload(result):
+        raise ApiError.from_payload(result)
+    return result
 
 
 class LocalLLMClient:
@@ -102,21 +115,10 @@ class QuotaClient:
         self.timeout_s = timeout_s
 
     async def call(self, method: str, *args: Any) -> Any:
-        response = getattr(self.handle, method).remote(*args)
-        try:
-            result = await asyncio.wait_for(_await(response), self.timeout_s)
-        except asyncio.TimeoutError as exc:
-            response.cancel()
-            raise ApiError(503, "The quota service did not answer; retry the request.",
-                           code="quota_unavailable") from exc
-        except ApiError:
-            raise
-        except Exception as exc:
-            raise ApiError(503, "The quota service is unavailable; retry the request.",
-                           code="quota_unavailable") from exc
-        if is_error_payload(result):
-            raise ApiError.from_payload(result)
-        return result
+        # A slow Quota is treated like an absent one (503): settlement retries on it.
+        return await call_handle(getattr(self.handle, method).remote(*args), self.timeout_s,
+                                 "The quota service", "quota_unavailable",
+                                 timeout_status=503, timeout_code="quota_unavailable")
 
     async def admit(self, **kwargs: Any) -> dict[str, Any]:
         return await self.call("admit", kwargs["api_key"], kwargs["model"],
@@ -190,15 +192,8 @@ class CacheClient:
         self.background.submit("cache saving", self.handle.record_saving.remote(usd, model))
 
     async def call(self, method: str, *args: Any) -> Any:
-        response = getattr(self.handle, method).remote(*args)
-        try:
-            result = await asyncio.wait_for(_await(response), 60)
-        except Exception as exc:
-            raise ApiError(503, "The semantic cache is unavailable.",
-                           code="cache_unavailable") from exc
-        if is_error_payload(result):
-            raise ApiError.from_payload(result)
-        return result
+        return await call_handle(getattr(self.handle, method).remote(*args), 60,
+                                 "The semantic cache", "cache_unavailable")
 
 
 class RetrieverClient:
@@ -211,18 +206,9 @@ class RetrieverClient:
         self.ingest_timeout_s = ingest_timeout_s
 
     async def call(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
-        response = getattr(self.handle, method).remote(*args)
-        try:
-            result = await asyncio.wait_for(_await(response), timeout_s or self.timeout_s)
-        except asyncio.TimeoutError as exc:
-            response.cancel()
-            raise ApiError(504, "The retriever did not answer in time.", code="timeout") from exc
-        except Exception as exc:
-            raise ApiError(503, "The retriever is unavailable; retry the request.",
-                           code="retriever_unavailable") from exc
-        if is_error_payload(result):
-            raise ApiError.from_payload(result)
-        return result
+        return await call_handle(getattr(self.handle, method).remote(*args),
+                                 timeout_s or self.timeout_s, "The retriever",
+                                 "retriever_unavailable")
 
     async def search(self, tenant: str, options: dict[str, Any], query: str,
                      query_vector: list[float] | None) -> list[dict[str, Any]]:
@@ -290,19 +276,9 @@ class AgentClient:
                                                   may_confirm=may_confirm, owner=owner)
         else:
             response = getattr(self.handle, method).remote(*args)
-        timeout = self.long_timeout_s if long else self.timeout_s
-        try:
-            result = await asyncio.wait_for(_await(response), timeout)
-        except asyncio.TimeoutError as exc:
-            response.cancel()
-            raise ApiError(504, "The agent did not finish in time; GET the session for its "
-                           "state.", code="timeout") from exc
-        except Exception as exc:
-            raise ApiError(503, "The agent service is unavailable; retry.",
-                           code="agent_unavailable") from exc
-        if is_error_payload(result):
-            raise ApiError.from_payload(result)
-        return result
+        return await call_handle(response, self.long_timeout_s if long else self.timeout_s,
+                                 "The agent (GET the session for its state)",
+                                 "agent_unavailable")
 
 
 class GatewayLLMPort:

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from serve_app.sqlite_db import connect
+
 GENESIS = "0" * 64
 DECISIONS = ("pending", "auto", "approved", "denied", "expired", "blocked")
 EVENTS = ("requested", "started", "finished")
@@ -70,11 +72,7 @@ class AuditLog:
         self.clock = clock
         self.summary_chars = summary_chars
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                   timeout=30)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = connect(self.path, synchronous="FULL")
         self._db.executescript(_SCHEMA)
 
     def close(self) -> None:

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from serve_app.sqlite_db import connect
+
 RUNNING = "running"
 AWAITING = "awaiting_confirmation"
 COMPLETED = "completed"
@@ -93,11 +95,7 @@ class SessionStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.clock = clock
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                   timeout=30)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = connect(self.path, synchronous="FULL")
         self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
