@@ -140,7 +140,8 @@ class ChatService:
             else:
                 if rag_options is not None:
                     rag = await self._retrieve(request, rag_options.model_dump(), ctx, step)
-                    request = request.model_copy(update={"messages": rag.messages})
+                    request = ChatCompletionRequest.model_validate(
+                        {**request.model_dump(exclude_none=True), "messages": rag.messages})
                 started = time.perf_counter()
                 messages = [m.model_dump() for m in request.messages]
                 decision = await self.router.decide(
