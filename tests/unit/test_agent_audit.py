@@ -9,21 +9,7 @@ import pytest
 from serve_app.agent.audit import AuditLog
 from serve_app.agent.tools import Tool, default_registry
 from tests.support.agent_env import service
-from tests.support.scripted_model import RecordingTarget, ScriptedModel, answer, tool_call
-
-
-@pytest.fixture(scope="module")
-def model():
-    server = ScriptedModel().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def target():
-    server = RecordingTarget().start()
-    yield server
-    server.stop()
+from tests.support.scripted_model import answer, tool_call
 
 
 def audit_path(tmp_path):

@@ -8,16 +8,9 @@ from serve_app.agent.budgets import (Budget, LoopDetector, Prices, Stop, Usage, 
 from serve_app.agent.config import AgentSettings, BudgetLimits
 from serve_app.errors import ApiError
 from tests.support.agent_env import service
-from tests.support.scripted_model import ScriptedModel, answer, tool_call
+from tests.support.scripted_model import answer, tool_call
 
 FREE = Prices()
-
-
-@pytest.fixture(scope="module")
-def model():
-    server = ScriptedModel().start()
-    yield server
-    server.stop()
 
 
 def limits(**fields) -> BudgetLimits:

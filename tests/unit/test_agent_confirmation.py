@@ -8,21 +8,7 @@ import pytest
 
 from serve_app.errors import ApiError
 from tests.support.agent_env import FakeClock, service
-from tests.support.scripted_model import RecordingTarget, ScriptedModel, answer, tool_call
-
-
-@pytest.fixture(scope="module")
-def model():
-    server = ScriptedModel().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def target():
-    server = RecordingTarget().start()
-    yield server
-    server.stop()
+from tests.support.scripted_model import answer, tool_call
 
 
 @pytest.fixture

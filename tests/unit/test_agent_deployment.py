@@ -5,14 +5,7 @@ import pytest
 
 from deployments.agent_runner import AgentRunner
 from serve_app.errors import is_error_payload
-from tests.support.scripted_model import ScriptedModel, answer, tool_call
-
-
-@pytest.fixture(scope="module")
-def model():
-    server = ScriptedModel().start()
-    yield server
-    server.stop()
+from tests.support.scripted_model import answer, tool_call
 
 
 @pytest.fixture

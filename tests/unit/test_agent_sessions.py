@@ -9,22 +9,7 @@ import pytest
 from serve_app.agent.sessions import Session, SessionConflict, SessionStore
 from serve_app.errors import ApiError
 from tests.support.agent_env import service
-from tests.support.scripted_model import (RecordingTarget, ScriptedModel, answer, failure,
-                                          tool_call)
-
-
-@pytest.fixture(scope="module")
-def model():
-    server = ScriptedModel().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def target():
-    server = RecordingTarget().start()
-    yield server
-    server.stop()
+from tests.support.scripted_model import answer, failure, tool_call
 
 
 def allow(target):

@@ -11,14 +11,6 @@ from serve_app.agent.sandbox import Sandbox
 from serve_app.agent.tools import (Tool, ToolContext, ToolError, ToolRegistry, Workspace,
                                    default_registry, host_allowed)
 from tests.support.agent_env import settings
-from tests.support.scripted_model import RecordingTarget
-
-
-@pytest.fixture(scope="module")
-def target():
-    server = RecordingTarget().start()
-    yield server
-    server.stop()
 
 
 def context(tmp_path: Path, **overrides) -> ToolContext:
