@@ -1,6 +1,7 @@
 """Retrieval latency through the HTTP API (POST /v1/retrieve: Gateway -> Retriever ->
 Embedder -> LanceDB hybrid search) at the Cranfield size and at 100k synthetic chunks,
-beside the latency of an LLM call (local model, 32 tokens) in the same run.
+beside the latency of an LLM call (local model, 32 tokens) in the same run, and the
+retrieval stage of RAG chat requests (`rag: {collection}`) as the gateway logs it.
 
 The tables are filled in-process first (Cranfield with real embeddings; 100k synthetic
 chunks with synthetic vectors, as embedding 100k texts on this CPU would take hours), then
@@ -54,6 +55,16 @@ async def fill_tables(uri: str, corpus: list[dict], n_synthetic: int,
             "table_rows": await store.chunks.count_rows()}
 
 
+def stage_latencies(data_dir: Path, request_ids: list[str], stage: str) -> list[float]:
+    wanted = set(request_ids)
+    values = []
+    for line in (data_dir / "logs" / "requests.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("request_id") in wanted and stage in record.get("stages_ms", {}):
+            values.append(float(record["stages_ms"][stage]))
+    return values
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data-dir", type=Path, default=PROJECT_ROOT.parent / "shared" / "data")
@@ -69,15 +80,18 @@ def main() -> None:
     stack, key = start_stack({"cache": {"enabled": False}}, data_dir=data_dir, tenant=TENANT)
     texts = [q["text"] for q in queries[:args.queries]]
     samples: dict[str, list[float]] = {"retrieve_cranfield": [], "retrieve_100k": [],
-                                       "llm_call": []}
+                                       "llm_call": [], "rag_chat": []}
+    rag_chat_ids: list[str] = []
     try:
         with httpx.Client(base_url=stack.base_url, timeout=300,
                           headers={"authorization": f"Bearer {key}"}) as http:
-            def timed(method: str, path: str, body: dict) -> float:
+            def timed(method: str, path: str, body: dict, ids: list[str] | None = None) -> float:
                 started = time.perf_counter()
                 response = http.request(method, path, json=body)
                 elapsed = (time.perf_counter() - started) * 1000
                 response.raise_for_status()
+                if ids is not None:
+                    ids.append(response.headers["x-request-id"])
                 return elapsed
 
             for name in ("cranfield", "synthetic"):  # warm both collections
@@ -93,13 +107,19 @@ def main() -> None:
                     samples["llm_call"].append(timed("POST", "/v1/chat/completions", {
                         "model": MODEL, "max_tokens": 32, "temperature": 0,
                         "messages": [{"role": "user", "content": text}]}))
+                    samples["rag_chat"].append(timed("POST", "/v1/chat/completions", {
+                        "model": MODEL, "max_tokens": 32, "temperature": 0,
+                        "rag": {"collection": "cranfield", "top_k": 3},
+                        "messages": [{"role": "user", "content": text}]}, rag_chat_ids))
     finally:
         stack.shutdown()
+    # The retrieval stage inside those chat requests, from the gateway's request log.
+    samples["rag_chat_retrieve_stage"] = stage_latencies(data_dir, rag_chat_ids, "retrieve")
     summary = {name: {"n": len(v), "p50_ms": median(v), "p99_ms": percentile(v, 99)}
                for name, v in samples.items()}
     llm = summary["llm_call"]["p50_ms"]
     ratios = {f"{name}_p50_over_llm_p50": summary[name]["p50_ms"] / llm
-              for name in ("retrieve_cranfield", "retrieve_100k")}
+              for name in ("retrieve_cranfield", "retrieve_100k", "rag_chat_retrieve_stage")}
     path = write_result("rag_http_latency", {
         "config": {"queries": len(texts), "top_k": 10, "mode": "hybrid",
                    "llm_call": f"{MODEL}, max_tokens 32"},
