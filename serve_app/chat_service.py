@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from serve_app.cache.policy import query_text
 from serve_app.cache.replay import completion_from_chunks
 from serve_app.cache_stage import CacheStage, CacheStep, cache_headers, replay
 from serve_app.errors import ApiError, is_error_payload
@@ -186,7 +187,7 @@ class ChatService:
         query = next((m.text() for m in reversed(request.messages) if m.role == "user"), "")
         if not query.strip():
             raise ApiError(400, "RAG needs a user message to search with.", param="messages")
-        vector = step.vector if step is not None and step.decision.query_text == query else None
+        vector = _reusable_vector(step, query)
         started = time.perf_counter()
         chunks = await self.retriever.search(ctx.tenant or "", options, query, vector)
         ctx.stage("retrieve", started)
@@ -337,8 +338,9 @@ class ChatService:
 
 
 def _reusable_vector(step: CacheStep | None, text: str) -> list[float] | None:
-    """The cache already embedded the last user message; the router scores the same text."""
-    if step is None or step.vector is None or step.decision.query_text != text:
+    """The cache already embedded the last user message (whitespace runs collapsed); the
+    router and the retriever use the same text, so they need not embed it again."""
+    if step is None or step.vector is None or step.decision.query_text != query_text(text):
         return None
     return step.vector
 

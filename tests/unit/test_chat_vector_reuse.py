@@ -1,0 +1,30 @@
+"""The chat pipeline embeds the last user message once (in the cache stage); routing and
+retrieval reuse that vector only when they work on the same text."""
+from __future__ import annotations
+
+from serve_app.cache.policy import CacheDecision
+from serve_app.cache_stage import CacheStep
+from serve_app.chat_service import _reusable_vector
+
+
+def step_for(query_text: str, vector: list[float] | None = (0.6, 0.8)) -> CacheStep:
+    decision = CacheDecision(lookup=True, store=True, reason=None, query_text=query_text,
+                             prompt_hash="h", scope_key="s", namespace="default",
+                             model="auto", semantic=True)
+    return CacheStep(decision=decision, vector=list(vector) if vector else None)
+
+
+def test_same_text_reuses_the_cache_vector() -> None:
+    assert _reusable_vector(step_for("what is flutter"), "what is flutter") == [0.6, 0.8]
+
+
+def test_whitespace_differences_still_reuse_it() -> None:
+    # The cache embeds the message with whitespace runs collapsed (multi-line prompts).
+    assert _reusable_vector(step_for("what is\nflutter of a wing".replace("\n", " ")),
+                            "what is\n  flutter of a wing ") == [0.6, 0.8]
+
+
+def test_other_text_or_no_vector_means_embed_again() -> None:
+    assert _reusable_vector(step_for("what is flutter"), "what is drag") is None
+    assert _reusable_vector(step_for("what is flutter", vector=None), "what is flutter") is None
+    assert _reusable_vector(None, "what is flutter") is None
