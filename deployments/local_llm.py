@@ -8,6 +8,7 @@ from typing import Any
 
 from ray import serve
 
+from serve_app.llm.prompt import read_tokenizer_files
 from serve_app.llm.vllm_engine import VLLMChatEngine
 from serve_app.model_prep import default_model_dir, ensure_default_model
 from serve_app.protocol import ChatCompletionRequest
@@ -44,6 +45,10 @@ class LocalLLM:
 
     def model_info(self) -> dict[str, Any]:
         return self.engine.model_info()
+
+    def tokenizer_files(self) -> dict[str, str]:
+        """Tokenizer and chat template, so gateways count prompts exactly as this engine."""
+        return read_tokenizer_files(self.engine.model_path)
 
     def count_tokens(self, text: str) -> int:
         return self.engine.count_tokens(text)

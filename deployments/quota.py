@@ -15,7 +15,6 @@ from serve_app.accounts.store import AccountStore
 from serve_app.errors import ApiError
 from serve_app.quota.alerts import WebhookNotifier
 from serve_app.quota.ledger import UsageLedger, UsageRow
-from serve_app.quota.pricing import Price
 from serve_app.quota.service import QuotaPolicy, QuotaService
 from serve_app.secrets_store import env_or_generated
 from serve_app.settings import StackAppSettings
@@ -102,7 +101,7 @@ class Quota:
             AccountStore(data_dir / "accounts.db", pepper),
             UsageLedger(data_dir / "usage.db"),
             QuotaPolicy(auth_required=quota.auth_required, window_s=quota.window_s,
-                        output_tokens_estimate=quota.output_tokens_estimate,
+                        reservation_ttl_s=quota.reservation_ttl_s,
                         alert_thresholds=tuple(quota.alert_thresholds),
                         alert_webhook_url=quota.alert_webhook_url),
             admin_key,
@@ -110,16 +109,21 @@ class Quota:
                                      first_delay_s=quota.webhook_first_delay_s),
             events=_MetricEvents(), alert_log=_log_alert)
 
-    # ---------------------------------------------------------------- request path
-    def admit(self, api_key: str | None, model: str, model_known: bool, prompt_tokens: int,
-              max_output_tokens: int | None, price: dict[str, float], request_id: str,
-              key_id: str | None = None) -> Any:
-        return _payload_errors(lambda: self.service.admit(
-            api_key=api_key, model=model, model_known=model_known, prompt_tokens=prompt_tokens,
-            max_output_tokens=max_output_tokens, price=Price(**price), request_id=request_id,
-            key_id=key_id))
+    # Every method is async, so all of them run on the replica's event loop, one at a
+    # time between awaits: Ray runs sync methods in a thread pool, where they would race
+    # the async ones over the same windows and reservations.
 
-    def authenticate(self, api_key: str | None) -> Any:
+    # ---------------------------------------------------------------- request path
+    async def admit(self, api_key: str | None, model: str, model_known: bool, tokens: int,
+                    cost_usd: float, request_id: str, key_id: str | None = None) -> Any:
+        return _payload_errors(lambda: self.service.admit(
+            api_key=api_key, model=model, model_known=model_known, tokens=tokens,
+            cost_usd=cost_usd, request_id=request_id, key_id=key_id))
+
+    async def extend(self, request_id: str, tokens: int, cost_usd: float) -> Any:
+        return _payload_errors(lambda: self.service.extend(request_id, tokens, cost_usd))
+
+    async def authenticate(self, api_key: str | None) -> Any:
         def run() -> dict[str, Any]:
             record = self.service.authenticate(api_key)
             return {"tenant_id": record.tenant_id, "key_id": record.key_id,
@@ -131,37 +135,37 @@ class Quota:
         return await _payload_errors_async(lambda: self.service.settle(UsageRow(**row)))
 
     # ---------------------------------------------------------------- admin
-    def is_admin(self, token: str | None) -> bool:
+    async def is_admin(self, token: str | None) -> bool:
         return self.service.is_admin(token)
 
-    def create_key(self, tenant_id: str, fields: dict[str, Any]) -> Any:
+    async def create_key(self, tenant_id: str, fields: dict[str, Any]) -> Any:
         return _payload_errors(lambda: self.service.create_key(tenant_id, **fields))
 
-    def list_keys(self, tenant_id: str | None) -> list[dict[str, Any]]:
+    async def list_keys(self, tenant_id: str | None) -> list[dict[str, Any]]:
         return [k.public() for k in self.service.accounts.list(tenant_id)]
 
-    def get_key(self, key_id: str) -> Any:
+    async def get_key(self, key_id: str) -> Any:
         return _payload_errors(lambda: _require(self.service.accounts.get(key_id), key_id).public())
 
-    def update_key(self, key_id: str, fields: dict[str, Any]) -> Any:
+    async def update_key(self, key_id: str, fields: dict[str, Any]) -> Any:
         return _payload_errors(lambda: self.service.update_key(key_id, **fields))
 
-    def rotate_key(self, key_id: str, grace_s: float) -> Any:
+    async def rotate_key(self, key_id: str, grace_s: float) -> Any:
         return _payload_errors(lambda: self.service.rotate_key(key_id, grace_s))
 
-    def budget(self, key_id: str) -> Any:
+    async def budget(self, key_id: str) -> Any:
         return _payload_errors(lambda: self.service.budget_status(key_id))
 
-    def tenants(self) -> list[dict[str, Any]]:
+    async def tenants(self) -> list[dict[str, Any]]:
         return self.service.accounts.tenants()
 
-    def usage_summary(self, query: dict[str, Any]) -> Any:
+    async def usage_summary(self, query: dict[str, Any]) -> Any:
         return _payload_errors(lambda: self.service.ledger.summary(**query))
 
-    def usage_rows(self, query: dict[str, Any]) -> Any:
+    async def usage_rows(self, query: dict[str, Any]) -> Any:
         return _payload_errors(lambda: self.service.ledger.rows(**query))
 
-    def usage_row(self, request_id: str) -> dict[str, Any] | None:
+    async def usage_row(self, request_id: str) -> dict[str, Any] | None:
         return self.service.ledger.row(request_id)
 
 

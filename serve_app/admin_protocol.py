@@ -2,13 +2,25 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # No NaN or Infinity (Python's JSON parser accepts them): a NaN budget would compare
+    # false with everything and never be exceeded.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+# Bounds that keep every value storable (SQLite integers are 64-bit) and meaningful.
+MAX_RPM = 10**9
+MAX_TPM = 10**12
+MAX_BUDGET_USD = 10**9
+MAX_EPOCH = 32_503_680_000.0  # year 3000
+NOT_NULL = ("name", "budget_period", "can_confirm", "cache_sampled", "disabled",
+            "route_overrides")
 
 
 def _epoch(value: Any) -> float | None:
@@ -25,14 +37,21 @@ def _epoch(value: Any) -> float | None:
 
 class KeyFields(_Strict):
     name: str | None = Field(None, max_length=200)
-    allowed_models: list[str] | None = Field(None, description="Omit or null: every model.")
-    rpm: int | None = Field(None, ge=1, description="Requests per minute; null: unlimited.")
-    tpm: int | None = Field(None, ge=1, description="Tokens per minute; null: unlimited.")
-    budget_usd: float | None = Field(None, ge=0, description="USD per period; null: none.")
+    allowed_models: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
+        None, max_length=100, description="Models that may answer (local name, provider "
+        "model ids or names) and router aliases the key may ask for; omit or null: every "
+        "model.")
+    rpm: int | None = Field(None, ge=1, le=MAX_RPM,
+                            description="Requests per minute; null: unlimited.")
+    tpm: int | None = Field(None, ge=1, le=MAX_TPM,
+                            description="Tokens per minute; null: unlimited.")
+    budget_usd: float | None = Field(None, ge=0, le=MAX_BUDGET_USD,
+                                     description="USD per period; null: none.")
     budget_period: Literal["day", "month"] | None = None
     expires_at: float | str | None = Field(None, description="Epoch seconds or ISO 8601.")
     can_confirm: bool | None = Field(None, description="May approve agent tool calls.")
-    alert_webhook_url: str | None = None
+    alert_webhook_url: str | None = Field(None, max_length=2000,
+                                          pattern=r"^https?://[^\s]+$")
     cache_sampled: bool | None = Field(
         None, description="Cache answers sampled with temperature > 0 for this key.")
     route_overrides: dict[str, Any] | None = Field(
@@ -41,7 +60,25 @@ class KeyFields(_Strict):
     @field_validator("expires_at")
     @classmethod
     def _to_epoch(cls, value: Any) -> float | None:
-        return _epoch(value)
+        epoch = _epoch(value)
+        if epoch is not None and not (0 <= epoch <= MAX_EPOCH):
+            raise ValueError("expires_at must be between 1970 and 3000")
+        return epoch
+
+    @field_validator("route_overrides")
+    @classmethod
+    def _small_overrides(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and len(json.dumps(value)) > 10_000:
+            raise ValueError("route_overrides must be at most 10,000 bytes of JSON")
+        return value
+
+    @model_validator(mode="after")
+    def _no_null_for_flags(self) -> "KeyFields":
+        """Only limits can be cleared with null; flags and names always have a value."""
+        for name in NOT_NULL:
+            if name in self.model_fields_set and getattr(self, name, None) is None:
+                raise ValueError(f"{name} cannot be null")
+        return self
 
 
 class KeyCreate(KeyFields):

@@ -1,13 +1,15 @@
 """The chat completion pipeline, independent of Ray and FastAPI.
 
-    admit (key, model, RPM/TPM/budget reserved)   -> 401/403/404/429
+    admit (key, model; the worst case of RPM/TPM/budget reserved)  -> 401/403/404/429
     cache lookup (tenant-scoped)                   -> hit: answer, usage 0, saving recorded
     retrieve (when RAG is asked for)               -> sources into the prompt
     route (auto: classifier; tier; explicit)       -> a fallback chain
     generate along the chain                       -> x-model, x-route-*, x-fallback
     record usage (durable, before the response)    -> then store the answer in the cache
 
-Each step returns or raises `ApiError`; the HTTP edge turns errors into responses. A
+Each step returns or raises `ApiError`; the HTTP edge turns errors into responses. After
+admission every request is settled exactly once (a usage row, the reservation released),
+whether it succeeds, fails, raises something unexpected or loses its client. A
 streamed answer is started only once the chain has produced its first output, so a request
 that fails early gets a proper status code instead of a broken stream.
 """
@@ -20,17 +22,22 @@ from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from serve_app.accounts.keys import parse_key_id
 from serve_app.cache.policy import query_text
 from serve_app.cache.replay import completion_from_chunks
 from serve_app.cache_stage import CacheStage, CacheStep, cache_headers, replay
 from serve_app.errors import ApiError, is_error_payload
 from serve_app.protocol import ChatCompletionRequest
-from serve_app.quota.pricing import Price, estimate_prompt_tokens
 from serve_app.quota.service import ANONYMOUS
 from serve_app.rag.config import RagSettings
 from serve_app.rag.prompting import RagContext, apply_rag, resolve_rag_options
 from serve_app.request_context import RequestContext, redact_prompt
-from serve_app.routing.gateway_router import GatewayRouter, RouteDecision, routing_text
+from serve_app.routing.gateway_router import (
+    GatewayRouter,
+    RouteDecision,
+    WorstCase,
+    routing_text,
+)
 from serve_app.sse import DONE, sse_error, sse_event
 
 logger = logging.getLogger(__name__)
@@ -41,6 +48,8 @@ GATEWAY_FIELDS = ("cache", "rag")
 
 class Accounting(Protocol):
     async def admit(self, **kwargs: Any) -> dict[str, Any]: ...
+
+    async def extend(self, request_id: str, tokens: int, cost_usd: float) -> None: ...
 
     async def settle(self, row: dict[str, Any]) -> None: ...
 
@@ -63,7 +72,9 @@ class ChatService:
     def __init__(self, *, router: GatewayRouter, accounting: Accounting | None,
                  cache: CacheStage, retriever: RetrieverPort | None = None,
                  rag_settings: RagSettings | None = None, prompt_log_mode: str = "off",
-                 on_tokens: Any = None, on_ttft: Any = None) -> None:
+                 on_tokens: Any = None, on_ttft: Any = None,
+                 auth_required: bool = True) -> None:
+        self.auth_required = auth_required
         self.router = router
         self.accounting = accounting
         self.cache = cache
@@ -76,37 +87,59 @@ class ChatService:
 
     # ------------------------------------------------------------------ admission
     async def admit(self, ctx: RequestContext, *, api_key: str | None, model: str,
-                    model_known: bool, texts: list[str], max_output_tokens: int | None,
-                    price: Price, key_id: str | None = None) -> dict[str, Any]:
-        """Authenticate (or trust `key_id` for internal calls) and reserve."""
+                    model_known: bool, worst: WorstCase,
+                    key_id: str | None = None) -> dict[str, Any]:
+        """Authenticate (or trust `key_id` for internal calls) and reserve the worst case.
+        From the moment this returns, the request is settled exactly once, whatever
+        happens (see `settle` and `settle_in_background`)."""
         started = time.perf_counter()
-        estimate = estimate_prompt_tokens(texts)
-        ctx.extra["prompt_tokens_estimate"] = estimate
+        ctx.extra["prompt_tokens_estimate"] = worst.prompt_tokens
+        if key_id is None and self.accounting is not None:
+            _refuse_unusable_key(api_key, self.auth_required)
         if self.accounting is None:  # gateway features off: anonymous, nothing recorded
             if not model_known:
                 raise ApiError(404, f"The model '{model}' does not exist.",
                                code="model_not_found", param="model")
             ctx.tenant = ANONYMOUS
             return {"tenant_id": ANONYMOUS, "key_id": ANONYMOUS, "can_confirm": False,
-                    "route_overrides": {}, "cache_sampled": False}
+                    "route_overrides": {}, "cache_sampled": False, "allowed_models": None}
         admission = await self.accounting.admit(
             api_key=api_key, key_id=key_id, model=model, model_known=model_known,
-            prompt_tokens=estimate, max_output_tokens=max_output_tokens,
-            price=price.model_dump(), request_id=ctx.request_id)
+            tokens=worst.tokens, cost_usd=worst.cost_usd, request_id=ctx.request_id)
         ctx.stage("admit", started)
         principal = admission["principal"]
         ctx.tenant = principal["tenant_id"]
         ctx.key_id = principal["key_id"]
+        ctx.admitted = True
         return principal
 
-    async def record(self, ctx: RequestContext, status: int) -> None:
-        """Write the usage row; returns only once it is committed."""
-        if ctx.key_id is None or self.accounting is None:
+    async def settle(self, ctx: RequestContext, status: int) -> None:
+        """Write the usage row (returns once it is committed) and release the reservation.
+        Once per request; the write runs in its own task, so a client that goes away
+        while it runs cannot cancel it (the row is still written)."""
+        if ctx.settled or ctx.key_id is None or self.accounting is None:
             return
+        ctx.settled = True
         ctx.status = status
         started = time.perf_counter()
+        task = self._in_background(self._write_row(ctx, status), quiet=False)
+        await asyncio.shield(task)
+        ctx.stage("record", started)
+
+    def settle_in_background(self, ctx: RequestContext, status: int) -> None:
+        """The HTTP edge's last resort: a request admitted but never settled (a stream the
+        client left before it started, a crash in a route) is settled here."""
+        if not ctx.admitted or ctx.settled or ctx.key_id is None or self.accounting is None:
+            return
+        if ctx.error_code is None:
+            ctx.error_code = "client_disconnected" if status in (0, 499) else "internal_error"
+        self._in_background(self.settle(ctx, status or 499))
+
+    async def _write_row(self, ctx: RequestContext, status: int) -> None:
+        assert self.accounting is not None
         await self.accounting.settle({
-            "request_id": ctx.request_id, "tenant_id": ctx.tenant, "key_id": ctx.key_id,
+            "request_id": ctx.request_id, "client_request_id": ctx.client_request_id,
+            "tenant_id": ctx.tenant, "key_id": ctx.key_id,
             "route": ctx.route, "status": status, "model": ctx.model, "tier": ctx.tier,
             "tokens_in": ctx.tokens_in, "tokens_out": ctx.tokens_out,
             "cost_usd": ctx.cost_usd, "cache_hit": ctx.cache == "hit",
@@ -114,7 +147,6 @@ class ChatService:
             "latency_ms": round(ctx.elapsed_ms(), 2), "error_code": ctx.error_code,
             "fallback": ">".join(ctx.fallback) or None,
             "sources": ctx.extra.get("sources")})
-        ctx.stage("record", started)
 
     # ------------------------------------------------------------------ the pipeline
     async def handle(self, request: ChatCompletionRequest, ctx: RequestContext,
@@ -123,50 +155,86 @@ class ChatService:
         ctx.stream = request.stream
         texts = [m.text() for m in request.messages]
         ctx.prompt = redact_prompt("\n".join(texts), self.prompt_log_mode)  # type: ignore[arg-type]
-        raw = request.model_dump()
-        model, rag_options = resolve_rag_options(request.model, raw.get("rag"),
-                                                 self.rag_settings)
+        model, rag_options = resolve_rag_options(
+            request.model, (request.model_extra or {}).get("rag"), self.rag_settings)
         route = self.router.resolve(model)
-        principal = await self.admit(
-            ctx, api_key=api_key, key_id=key_id, model=model, model_known=route is not None,
-            texts=texts, max_output_tokens=request.output_token_limit(),
-            price=self.router.worst_price(route) if route else Price())
+        worst = (self.router.worst_case(route, request) if route is not None
+                 else WorstCase(tokens=0, cost_usd=0.0, prompt_tokens=0))
+        principal = await self.admit(ctx, api_key=api_key, key_id=key_id, model=model,
+                                     model_known=route is not None, worst=worst)
         assert route is not None  # admit answered 404 otherwise
-        rag: RagContext | None = None
-        step: CacheStep | None = None
         try:
-            step = await self.cache.lookup(raw, headers or {}, principal, ctx)
-            if step is not None and step.hit is not None:
-                outcome = self._answer_from_cache(request, ctx, step)
-            else:
-                if rag_options is not None:
-                    rag = await self._retrieve(request, rag_options.model_dump(), ctx, step)
-                    request = ChatCompletionRequest.model_validate(
-                        {**request.model_dump(exclude_none=True), "messages": rag.messages})
-                started = time.perf_counter()
-                messages = [m.model_dump() for m in request.messages]
-                decision = await self.router.decide(
-                    route, messages, _reusable_vector(step, routing_text(messages)),
-                    principal.get("route_overrides"))
-                ctx.stage("route", started)
-                ctx.tier = decision.tier
-                outcome = await self._generate(request, ctx, decision, step, rag)
+            return await self._admitted(request, ctx, headers or {}, principal, route,
+                                        rag_options, worst)
         except ApiError as error:
-            ctx.error_code = error.code
+            await self._settle_failure(ctx, error.status, error.code)
+            raise
+        except asyncio.CancelledError:
+            # The client went away while we waited (non-streaming): what the target did
+            # still costs; the row is written off this (cancelled) task.
+            self._charge_prompt(ctx)
+            ctx.error_code = ctx.error_code or "client_disconnected"
+            self.settle_in_background(ctx, 499)
+            raise
+        except Exception as exc:
+            logger.exception("chat pipeline failed for %s", ctx.request_id)
+            await self._settle_failure(ctx, 500, "internal_error")
+            raise ApiError(500, "Internal error; the request id identifies it in the logs.",
+                           code="internal_error") from exc
+
+    async def _settle_failure(self, ctx: RequestContext, status: int,
+                              code: str | None) -> None:
+        ctx.error_code = code
+        if ctx.extra.get("target") is None:  # nothing was generated
             ctx.tokens_in = ctx.tokens_out = 0
             ctx.cost_usd = 0.0
-            await self.record(ctx, error.status)
-            raise
+        await self.settle(ctx, status)
+
+    async def _admitted(self, request: ChatCompletionRequest, ctx: RequestContext,
+                        headers: Mapping[str, str], principal: dict[str, Any],
+                        route: Any, rag_options: Any, worst: WorstCase) -> ChatOutcome:
+        rag: RagContext | None = None
+        step = await self.cache.lookup(request.model_dump(), headers, principal, ctx)
+        if step is not None and step.hit is not None:
+            outcome = self._answer_from_cache(request, ctx, step)
+        else:
+            if rag_options is not None:
+                rag = await self._retrieve(request, rag_options.model_dump(), ctx, step)
+                request = ChatCompletionRequest.model_validate(
+                    {**request.model_dump(exclude_none=True), "messages": rag.messages})
+                await self._reserve_context(ctx, route, request, worst)
+            started = time.perf_counter()
+            messages = [m.model_dump() for m in request.messages]
+            allowed = principal.get("allowed_models")
+            decision = await self.router.decide(
+                route, messages, _reusable_vector(step, routing_text(messages)),
+                principal.get("route_overrides"), allowed)
+            ctx.stage("route", started)
+            ctx.tier = decision.tier
+            outcome = await self._generate(request, ctx, decision, step, rag)
         outcome.headers.update(cache_headers(ctx, step))
         if rag is not None and rag.header:
             outcome.headers["x-rag-sources"] = rag.header
         if outcome.stream is None:
             if rag is not None and outcome.body is not None:
                 outcome.body["sources"] = rag.sources
-            await self.record(ctx, 200)
+            await self.settle(ctx, 200)
             if step is not None and step.hit is None and outcome.body is not None:
                 self._in_background(self._store(ctx, step, outcome.body, rag))
         return outcome
+
+    async def _reserve_context(self, ctx: RequestContext, route: Any,
+                               request: ChatCompletionRequest, before: WorstCase) -> None:
+        """Retrieved context is part of the prompt: reserve it too, before generating."""
+        after = self.router.worst_case(route, request)
+        ctx.extra["prompt_tokens_estimate"] = after.prompt_tokens
+        extra_tokens = after.tokens - before.tokens
+        extra_cost = after.cost_usd - before.cost_usd
+        if self.accounting is None or not ctx.admitted or (extra_tokens <= 0
+                                                            and extra_cost <= 0):
+            return
+        await self.accounting.extend(ctx.request_id, max(0, extra_tokens),
+                                     max(0.0, extra_cost))
 
     def _answer_from_cache(self, request: ChatCompletionRequest, ctx: RequestContext,
                            step: CacheStep) -> ChatOutcome:
@@ -238,56 +306,65 @@ class ChatService:
     async def _sse(self, chunks: AsyncIterator[dict[str, Any]], ctx: RequestContext,
                    include_usage: bool, step: CacheStep | None = None,
                    rag: RagContext | None = None) -> AsyncIterator[bytes]:
-        """Relay chunks as SSE; record usage before [DONE]; store the answer if cacheable."""
+        """Relay chunks as SSE; record usage before [DONE]; store the answer if cacheable.
+        However the stream ends (finished, failed, client gone at any chunk, never
+        started), the request is settled once: here, or by the HTTP edge."""
         started = time.perf_counter()
         collected: list[dict[str, Any]] = []
         content_chunks = 0
         usage_seen = ctx.cache == "hit"
         failed: ApiError | None = None
         try:
-            async for chunk in chunks:
-                if is_error_payload(chunk):
-                    failed = ApiError.from_payload(chunk)
-                    break
-                if _has_content(chunk):
-                    content_chunks += 1
-                    if ctx.ttft_ms is None:
-                        ctx.ttft_ms = round((time.perf_counter() - ctx.started) * 1000, 2)
-                        self.on_ttft(ctx.model or "", ctx.ttft_ms / 1000)
-                if step is not None:
-                    collected.append(chunk)
-                if chunk.get("usage") is not None:
-                    if ctx.cache != "hit":
-                        usage_seen = True
-                        self._account(ctx, chunk["usage"])
-                    if not include_usage:
-                        continue
-                yield sse_event(chunk)
-        except ApiError as error:
-            failed = error
-        except (asyncio.CancelledError, GeneratorExit):
-            # Client went away: what was generated still costs; record it off this task.
-            if not usage_seen:
-                self._account_partial(ctx, content_chunks)
-            ctx.error_code = "client_disconnected"
-            asyncio.ensure_future(self._record_quietly(ctx, 499))
-            raise
-        ctx.stage("stream", started)
-        if failed is not None:
-            ctx.error_code = failed.code
-            if not usage_seen:
-                self._account_partial(ctx, content_chunks)
-        try:
-            await self.record(ctx, failed.status if failed else 200)
-        except ApiError as error:
-            failed = failed or error
-        if failed is not None:
-            yield sse_error(failed.status, failed.message, failed.code)
-        elif step is not None and step.hit is None:
-            body = completion_from_chunks(collected)
-            if body is not None:
-                self._in_background(self._store(ctx, step, body, rag))
-        yield DONE
+            try:
+                async for chunk in chunks:
+                    if is_error_payload(chunk):
+                        failed = ApiError.from_payload(chunk)
+                        break
+                    if _has_content(chunk):
+                        content_chunks += 1
+                        if ctx.ttft_ms is None:
+                            ctx.ttft_ms = round((time.perf_counter() - ctx.started) * 1000, 2)
+                            self.on_ttft(ctx.model or "", ctx.ttft_ms / 1000)
+                    if step is not None:
+                        collected.append(chunk)
+                    if chunk.get("usage") is not None:
+                        if ctx.cache != "hit":
+                            usage_seen = True
+                            self._account(ctx, chunk["usage"])
+                        if not include_usage:
+                            continue
+                    yield sse_event(chunk)
+            except ApiError as error:
+                failed = error
+            except (asyncio.CancelledError, GeneratorExit):
+                raise
+            except Exception:
+                logger.exception("stream relay failed for %s", ctx.request_id)
+                failed = ApiError(500, "Internal error while streaming.", code="internal_error")
+            ctx.stage("stream", started)
+            if failed is not None:
+                ctx.error_code = failed.code
+                if not usage_seen:
+                    self._account_partial(ctx, content_chunks)
+            try:
+                await self.settle(ctx, failed.status if failed else 200)
+            except ApiError as error:
+                failed = failed or error
+            if failed is not None:
+                yield sse_error(failed.status, failed.message, failed.code)
+            elif step is not None and step.hit is None:
+                body = completion_from_chunks(collected)
+                if body is not None:
+                    self._in_background(self._store(ctx, step, body, rag))
+            yield DONE
+        finally:
+            if not ctx.settled:
+                # Client went away (or the relay was closed early): what was generated
+                # still costs; the row is written in a task the disconnect cannot cancel.
+                if not usage_seen:
+                    self._account_partial(ctx, content_chunks)
+                ctx.error_code = ctx.error_code or "client_disconnected"
+                self.settle_in_background(ctx, 499)
 
     # ------------------------------------------------------------------ cache store
     async def _store(self, ctx: RequestContext, step: CacheStep, body: dict[str, Any],
@@ -303,25 +380,35 @@ class ChatService:
                 return
         self.cache.store(step, ctx, body, source_ids)
 
-    def _in_background(self, work: Awaitable[None]) -> None:
-        """Work the response need not wait for (cache stores); kept referenced, logged."""
+    def _in_background(self, work: Awaitable[Any], *, quiet: bool = True) -> asyncio.Future[Any]:
+        """Work no caller may cancel (settlement) or need wait for (cache stores): kept
+        referenced until done; failures are logged (and, unless quiet, re-raised to an
+        awaiting caller)."""
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
 
-        def done(finished: asyncio.Future[None]) -> None:
+        def done(finished: asyncio.Future[Any]) -> None:
             self._tasks.discard(finished)
             if not finished.cancelled() and finished.exception() is not None:
-                logger.warning("background step failed: %r", finished.exception())
+                error = finished.exception()
+                level = logging.WARNING if isinstance(error, ApiError) else logging.ERROR
+                logger.log(level, "background step failed: %r", error)
 
         task.add_done_callback(done)
+        return task
 
-    async def _record_quietly(self, ctx: RequestContext, status: int) -> None:
-        try:
-            await self.record(ctx, status)
-        except ApiError:
-            pass
+    async def drain(self) -> None:
+        """Wait for settlements and stores in flight (replica shutdown, tests)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     # ------------------------------------------------------------------ usage
+    def _charge_prompt(self, ctx: RequestContext) -> None:
+        """A request cut off before its usage arrived: the prompt was processed."""
+        if ctx.extra.get("target") is not None and not ctx.tokens_in:
+            self._account(ctx, {"prompt_tokens": ctx.extra.get("prompt_tokens_estimate", 0),
+                                "completion_tokens": 0})
+
     def _account_partial(self, ctx: RequestContext, content_chunks: int) -> None:
         """A stream that ended early has no usage chunk: count what was sent (about one
         token per chunk) against the prompt estimate."""
@@ -335,6 +422,18 @@ class ChatService:
         ctx.cost_usd = (self.router.cost(target, ctx.tokens_in, ctx.tokens_out)
                         if target else 0.0)
         self.on_tokens(ctx.model or "", ctx.tokens_in, ctx.tokens_out)
+
+
+def _refuse_unusable_key(api_key: str | None, auth_required: bool) -> None:
+    """A missing or malformed key is refused here, without a call to the Quota service
+    (the same answers it would give)."""
+    if api_key is None:
+        if auth_required:
+            raise ApiError(401, "No API key provided. Send 'Authorization: Bearer sk-...'.",
+                           code="missing_api_key")
+        return
+    if parse_key_id(api_key) is None:
+        raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
 
 
 def _reusable_vector(step: CacheStep | None, text: str) -> list[float] | None:

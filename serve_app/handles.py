@@ -122,9 +122,11 @@ class QuotaClient:
 
     async def admit(self, **kwargs: Any) -> dict[str, Any]:
         return await self.call("admit", kwargs["api_key"], kwargs["model"],
-                               kwargs["model_known"], kwargs["prompt_tokens"],
-                               kwargs["max_output_tokens"], kwargs["price"],
+                               kwargs["model_known"], kwargs["tokens"], kwargs["cost_usd"],
                                kwargs["request_id"], kwargs.get("key_id"))
+
+    async def extend(self, request_id: str, tokens: int, cost_usd: float) -> None:
+        await self.call("extend", request_id, tokens, cost_usd)
 
     async def settle(self, row: dict[str, Any]) -> None:
         """Commit the usage row, retrying while the Quota replica is away (it is restarted

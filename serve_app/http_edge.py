@@ -12,12 +12,15 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serve_app.accounts.keys import bearer_token
+from serve_app.address_gate import AddressGate
 from serve_app.errors import ApiError, error_body, error_response, param_from_location
-from serve_app.request_context import RequestContext, request_id_from
+from serve_app.request_context import RequestContext, client_request_id_from, new_request_id
 
 logger = logging.getLogger(__name__)
 
-REQUEST_ID_HEADER = "x-request-id"
+REQUEST_ID_HEADER = "x-request-id"  # the caller's correlation id (Serve echoes it)
+SERVER_ID_HEADER = "x-llmstack-request-id"  # ours: the key of the request's usage row
 
 
 class EdgeHooks:
@@ -30,6 +33,8 @@ class EdgeHooks:
     max_upload_bytes: int = 1_000_000  # document ingestion routes
     upload_prefix: str = "/v1/collections/"
     on_complete: Callable[[RequestContext], None] = staticmethod(lambda context: None)
+    gate: AddressGate | None = None  # per-address limit on unauthenticated traffic
+    gated_prefixes: tuple[str, ...] = ("/v1/", "/admin/")
 
     @classmethod
     def limit_for(cls, path: str) -> int:
@@ -38,10 +43,12 @@ class EdgeHooks:
 
 def register_edge_hooks(*, max_body_bytes: int,
                         on_complete: Callable[[RequestContext], None],
-                        max_upload_bytes: int | None = None) -> None:
+                        max_upload_bytes: int | None = None,
+                        gate: AddressGate | None = None) -> None:
     EdgeHooks.max_body_bytes = max_body_bytes
     EdgeHooks.max_upload_bytes = max_upload_bytes or max_body_bytes
     EdgeHooks.on_complete = staticmethod(on_complete)
+    EdgeHooks.gate = gate
 
 
 def _serve_request_id() -> str | None:
@@ -69,8 +76,11 @@ class RequestEdgeMiddleware:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                    for k, v in scope.get("headers", [])}
         serve_id = _serve_request_id()
+        # The server's id is always minted here; the caller's x-request-id (or Serve's id
+        # for it) is kept only for correlation, never as a key of any internal state.
         context = RequestContext(
-            request_id=serve_id or request_id_from(headers.get(REQUEST_ID_HEADER)),
+            request_id=new_request_id(),
+            client_request_id=client_request_id_from(serve_id or headers.get(REQUEST_ID_HEADER)),
             route=scope.get("path", ""), method=scope.get("method", ""))
         scope.setdefault("state", {})["ctx"] = context
         limit = EdgeHooks.limit_for(context.route)
@@ -94,10 +104,26 @@ class RequestEdgeMiddleware:
             if message["type"] == "http.response.start":
                 response_started = True
                 context.status = message["status"]
-                if serve_id is None:  # Serve's proxy adds the header itself
-                    message["headers"] = list(message.get("headers", [])) + [
-                        (REQUEST_ID_HEADER.encode(), context.request_id.encode())]
+                extra = [(SERVER_ID_HEADER.encode(), context.request_id.encode())]
+                if serve_id is None:  # Serve's proxy adds x-request-id itself
+                    extra.append((REQUEST_ID_HEADER.encode(),
+                                  (context.client_request_id or context.request_id).encode()))
+                message["headers"] = list(message.get("headers", [])) + extra
             await send(message)
+
+        gate = EdgeHooks.gate if context.route.startswith(EdgeHooks.gated_prefixes) else None
+        address = str((scope.get("client") or ("unknown",))[0])
+        api_key = bearer_token(headers.get("authorization"), headers.get("x-api-key"))
+        if gate is not None:
+            wait = gate.retry_after(address, api_key)
+            if wait is not None:
+                context.error_code = "too_many_unauthenticated"
+                await self._send_error(send_with_id_raw, ApiError(
+                    429, "Too many requests without a valid API key from this address; "
+                    f"retry after {wait} s.", code="too_many_unauthenticated",
+                    headers={"retry-after": str(wait)}))
+                self._complete(context)
+                return
 
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -131,6 +157,12 @@ class RequestEdgeMiddleware:
                     500, "Internal error; the request id identifies it in the logs.",
                     code="internal_error"))
         finally:
+            if gate is not None:
+                gate.record(address, api_key,
+                            authenticated=context.key_id is not None
+                            or bool(context.extra.get("admin")),
+                            unauthenticated=context.status == 401
+                            or context.error_code == "not_admin")
             self._complete(context)
 
     @staticmethod
@@ -143,9 +175,11 @@ class RequestEdgeMiddleware:
     @staticmethod
     async def _send_error(send: Send, error: ApiError) -> None:
         body = json.dumps(error.body()).encode()
+        headers = [(b"content-type", b"application/json"),
+                   (b"content-length", str(len(body)).encode())]
+        headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in error.headers.items()]
         await send({"type": "http.response.start", "status": error.status,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
+                    "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
 

@@ -6,7 +6,12 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from serve_app.json_schemas import check_client_schema, reject_unpaired_surrogates
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_OUTPUT_TOKENS = 1_000_000  # far above any model; bounds what a reservation multiplies
 
 
 class WireModel(BaseModel):
@@ -53,6 +58,11 @@ class FunctionDefinition(WireModel):
     description: str | None = None
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
 
+    @field_validator("parameters")
+    @classmethod
+    def _valid_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return check_client_schema(value)
+
 
 class ToolDefinition(WireModel):
     type: Literal["function"] = "function"
@@ -64,10 +74,10 @@ class ChatCompletionRequest(WireModel):
     messages: list[ChatMessage] = Field(min_length=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_OUTPUT_TOKENS)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_OUTPUT_TOKENS)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     n: int = Field(1, ge=1, le=128)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -78,8 +88,29 @@ class ChatCompletionRequest(WireModel):
     response_format: dict[str, Any] | None = None
     user: str | None = None
     # vLLM extensions (as its OpenAI server accepts them).
-    min_tokens: int | None = Field(None, ge=0)
+    min_tokens: int | None = Field(None, ge=0, le=MAX_OUTPUT_TOKENS)
     ignore_eos: bool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        reject_unpaired_surrogates(data)
+        return data
+
+    @field_validator("response_format")
+    @classmethod
+    def _valid_response_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        kind = value.get("type")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise ValueError("type must be 'text', 'json_object' or 'json_schema'")
+        if kind == "json_schema":
+            spec = value.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise ValueError("json_schema.schema must be a JSON Schema object")
+            check_client_schema(spec["schema"])
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -102,6 +133,12 @@ class EmbeddingRequest(WireModel):
     input: str | list[str] = Field(...)
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        reject_unpaired_surrogates(data)
+        return data
 
     def texts(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import sys
 import time
 import uuid
@@ -12,14 +11,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+from serve_app import textmatch
+
+_REQUEST_ID_OK = textmatch.compile(r"^[A-Za-z0-9._-]{1,64}$")  # a client header
 
 
-def request_id_from(header_value: str | None) -> str:
-    """Reuse a caller's well-formed x-request-id (for tracing across systems), else mint one."""
+def new_request_id() -> str:
+    """The server's id of a request: the key of its reservation, ledger row and engine
+    request. Never taken from a client, so no client can collide with another request."""
+    return uuid.uuid4().hex
+
+
+def client_request_id_from(header_value: str | None) -> str | None:
+    """A caller's well-formed x-request-id, kept only as a correlation field."""
     if header_value and _REQUEST_ID_OK.match(header_value):
         return header_value
-    return uuid.uuid4().hex
+    return None
 
 
 @dataclass
@@ -27,6 +34,7 @@ class RequestContext:
     request_id: str
     route: str
     method: str
+    client_request_id: str | None = None  # the caller's x-request-id (correlation only)
     started: float = field(default_factory=time.perf_counter)
     status: int = 0
     model: str | None = None
@@ -44,6 +52,10 @@ class RequestContext:
     prompt: str | None = None
     stages_ms: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    # Admission reserved quota for this request; `settled` once its usage row is written.
+    # Whatever happens after admission, the pipeline or the HTTP edge settles it.
+    admitted: bool = False
+    settled: bool = False
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000
@@ -53,7 +65,8 @@ class RequestContext:
 
     def to_log(self) -> dict[str, Any]:
         record = asdict(self)
-        record.pop("started")
+        for internal in ("started", "admitted", "settled"):
+            record.pop(internal)
         record["latency_ms"] = round(self.elapsed_ms(), 2)
         record["ts"] = time.time()
         return {k: v for k, v in record.items() if v not in (None, [], {})}

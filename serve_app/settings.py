@@ -82,6 +82,16 @@ class GatewaySettings(StrictModel):
     ingest_timeout_s: float = Field(900.0, gt=0, description="Embedding a large PDF on CPU "
                                     "takes minutes.")
     readiness_probe_timeout_s: float = Field(30.0, gt=0)
+    readiness_cache_s: float = Field(
+        5.0, ge=0, description="/readyz reuses its last generation probe for this long; "
+        "concurrent probes share one generation.")
+    default_max_tokens: int = Field(
+        256, ge=1, description="max_tokens sent to API providers when a request sets none "
+        "(reservations assume it); the local model caps with its own default_max_tokens.")
+    unauthenticated_per_minute: int = Field(
+        60, ge=1, description="Requests per minute from one client address that carry no "
+        "valid key (missing, unknown, disabled); past it they get 429 before reaching the "
+        "Quota service.")
     log_prompts: Literal["off", "hash", "full"] = Field(
         "off", description="Prompt text in request logs: omitted, sha256 prefix, or verbatim."
     )
@@ -101,8 +111,9 @@ class QuotaSettings(StrictModel):
         "LLMSTACK_KEY_PEPPER", description="Environment variable with the HMAC pepper for key "
         "hashes; unset: generated once into <data_dir>/secrets/pepper.")
     window_s: float = Field(60.0, gt=0, description="Rate-limit window (RPM/TPM).")
-    output_tokens_estimate: int = Field(
-        256, ge=1, description="Output tokens reserved when a request sets no max_tokens.")
+    reservation_ttl_s: float = Field(
+        900.0, gt=0, description="A reservation whose request never settles (its gateway "
+        "crashed) is released after this long; keep it above the longest request.")
     alert_thresholds: list[float] = Field(
         [0.5, 0.8, 1.0], description="Budget fractions that fire an alert once per period.")
     alert_webhook_url: str | None = Field(

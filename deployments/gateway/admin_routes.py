@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from deployments.gateway.fastapi_app import api_key_of, app
 from serve_app.admin_protocol import KeyCreate, KeyRotate, KeyUpdate
 from serve_app.errors import ApiError
+from serve_app.http_edge import context_of
 
 PREFIX = "/admin/v1"
 
@@ -22,6 +23,7 @@ class AdminRoutes:
                            code="missing_api_key")
         if not await self.quota.call("is_admin", token):
             raise ApiError(403, "This key is not the admin key.", code="not_admin")
+        context_of(request).extra["admin"] = True
 
     @app.get(f"{PREFIX}/tenants")
     async def admin_tenants(self, request: Request) -> dict[str, Any]:
@@ -90,11 +92,14 @@ class AdminRoutes:
     @app.get(f"{PREFIX}/usage/requests")
     async def admin_usage_rows(self, request: Request, start: float | None = None,
                                end: float | None = None, tenant_id: str | None = None,
-                               key_id: str | None = None, limit: int = 100) -> dict[str, Any]:
+                               key_id: str | None = None, client_request_id: str | None = None,
+                               limit: int = 100) -> dict[str, Any]:
+        """Usage rows, newest first. `client_request_id` (a caller's x-request-id) is only
+        unique within a tenant, so it needs `tenant_id`."""
         await self.require_admin(request)
         rows = await self.quota.call("usage_rows", {
             "start": start, "end": end, "tenant_id": tenant_id, "key_id": key_id,
-            "limit": max(1, min(limit, 10_000))})
+            "client_request_id": client_request_id, "limit": max(1, min(limit, 10_000))})
         return {"data": rows}
 
     @app.get(f"{PREFIX}/usage/requests/{{request_id}}")

@@ -2,6 +2,7 @@
 (serve_app.chat_service) does the work; services are reached through handles."""
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from fastapi import Request
@@ -25,7 +26,14 @@ from serve_app.handles import (
     RemoteClient,
     RetrieverClient,
 )
+from serve_app.address_gate import AddressGate
 from serve_app.http_edge import context_of, register_edge_hooks
+from serve_app.llm.prompt import LocalPromptTokenizer
+from serve_app.llm.token_count import LocalCounter
+from serve_app.readiness import CachedReadiness
+import asyncio
+import logging
+
 from serve_app.metrics import serve_metrics
 from serve_app.request_context import RequestContext, RequestLogger
 from serve_app.routing.chains import TargetCalls
@@ -59,9 +67,13 @@ class Gateway(OpenAIRoutes, AdminRoutes, CacheRoutes, RagRoutes, AgentRoutes):
         self.remote = RemoteClient(remote, timeout_s=self.settings.gateway.request_timeout_s)
         self._model_info: dict[str, dict[str, Any]] = {}
         self._chat: ChatService | None = None
+        self.local_counter = LocalCounter()
+        self.readiness = CachedReadiness(self._probe_ready,
+                                         self.settings.gateway.readiness_cache_s)
         register_edge_hooks(max_body_bytes=self.settings.gateway.max_body_bytes,
                             max_upload_bytes=self.settings.gateway.max_upload_bytes,
-                            on_complete=self.finish_request)
+                            on_complete=self.finish_request,
+                            gate=AddressGate(self.settings.gateway.unauthenticated_per_minute))
 
     # ------------------------------------------------------------------ wiring
     async def models(self) -> dict[str, dict[str, Any]]:
@@ -69,27 +81,44 @@ class Gateway(OpenAIRoutes, AdminRoutes, CacheRoutes, RagRoutes, AgentRoutes):
             timeout = self.settings.gateway.readiness_probe_timeout_s
             llm = await self.llm.call("model_info", timeout_s=timeout)
             embedder = await self.embedder.call("model_info", timeout_s=timeout)
+            await self._load_local_tokenizer(timeout)
             self._model_info = {"chat": llm, "embedding": embedder}
         return self._model_info
+
+    async def _load_local_tokenizer(self, timeout: float) -> None:
+        """Reservations count the local model's prompts with its own tokenizer; until it
+        is here they use the byte bound (larger, never smaller)."""
+        if self.local_counter.exact is not None:
+            return
+        try:
+            files = await self.llm.call("tokenizer_files", timeout_s=timeout)
+            self.local_counter.exact = await asyncio.to_thread(LocalPromptTokenizer, files)
+        except Exception:
+            logging.getLogger(__name__).warning(
+                "local tokenizer unavailable; reservations use the byte bound", exc_info=True)
 
     @property
     def chat(self) -> ChatService:
         """The pipeline; built once the local model's name is known (models())."""
         if self._chat is None:
-            self._chat = self._build_chat(self._model_info["chat"]["id"])
+            self._chat = self._build_chat(self._model_info["chat"])
         return self._chat
 
-    def _build_chat(self, local_model: str) -> ChatService:
+    def _build_chat(self, local_info: dict[str, Any]) -> ChatService:
         local = LocalLLMClient(self.llm, self.settings.gateway.request_timeout_s)
         router = GatewayRouter(
-            self.settings.router, local_model=local_model,
+            self.settings.router, local_model=local_info["id"],
             local=TargetCalls(local.complete, local.stream),
-            remote=self.remote.target_calls, classify=self._classify, embed=self.embed)
+            remote=self.remote.target_calls, classify=self._classify, embed=self.embed,
+            local_default_max_tokens=int(local_info.get("default_max_tokens") or 256),
+            provider_default_max_tokens=self.settings.gateway.default_max_tokens,
+            local_counter=self.local_counter)
         cache = CacheStage(self.cache, self.settings.cache, self.embed,
                            self._price_of_answer, self.settings.rag.max_sources_header_bytes)
         return ChatService(
             router=router, accounting=self.accounting, cache=cache, retriever=self.retriever,
             rag_settings=self.settings.rag, prompt_log_mode=self.settings.gateway.log_prompts,
+            auth_required=self.settings.quota.auth_required,
             on_tokens=self._count_tokens,
             on_ttft=lambda model, s: self.metrics.ttft.observe(
                 s, tags={"gen_ai_request_model": model}))
@@ -126,7 +155,24 @@ class Gateway(OpenAIRoutes, AdminRoutes, CacheRoutes, RagRoutes, AgentRoutes):
                 self.metrics.tokens.inc(count, tags={"gen_ai_request_model": model,
                                                      "gen_ai_token_type": kind})
 
+    async def _probe_ready(self) -> dict[str, Any]:
+        """One real generation on the local model (CachedReadiness calls it sparingly)."""
+        probe: dict[str, Any] = {"messages": [{"role": "user", "content": "ping"}],
+                                 "max_tokens": 1, "temperature": 0}
+        try:
+            models = await self.models()
+            probe["model"] = models["chat"]["id"]
+            await LocalLLMClient(self.llm, self.settings.gateway.readiness_probe_timeout_s
+                                 ).complete(probe, f"readyz-{uuid.uuid4().hex}")
+        except ApiError as error:
+            return {"ready": False, "reason": error.message}
+        return {"ready": True, "model": probe["model"]}
+
     def finish_request(self, context: RequestContext) -> None:
+        if context.admitted and not context.settled and self._chat is not None:
+            # Admitted but never settled (a stream its client left before it started):
+            # the edge settles it, so no reservation leaks and no row is lost.
+            self._chat.settle_in_background(context, context.status)
         route = context.route if context.route.startswith(("/v1/", "/admin/")) else "other"
         self.metrics.requests.inc(tags={"route": route, "status": str(context.status)})
         self.metrics.latency.observe(context.elapsed_ms() / 1000, tags={"route": route})

@@ -1,7 +1,6 @@
 """OpenAI-compatible routes and health probes."""
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from fastapi import Request
@@ -9,9 +8,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from deployments.gateway.fastapi_app import api_key_of, app
 from serve_app.errors import ApiError
-from serve_app.handles import LocalLLMClient
 from serve_app.http_edge import context_of
 from serve_app.protocol import ChatCompletionRequest, EmbeddingRequest, encode_embedding
+from serve_app.routing.gateway_router import WorstCase
 
 
 class OpenAIRoutes:
@@ -21,18 +20,13 @@ class OpenAIRoutes:
 
     @app.get("/readyz")
     async def readyz(self) -> JSONResponse:
-        """Ready only when the local model answers a one-token generation."""
-        probe: dict[str, Any] = {"messages": [{"role": "user", "content": "ping"}],
-                                 "max_tokens": 1, "temperature": 0}
-        try:
-            models = await self.models()
-            probe["model"] = models["chat"]["id"]
-            await LocalLLMClient(self.llm, self.settings.gateway.readiness_probe_timeout_s
-                                 ).complete(probe, f"readyz-{time.time_ns()}")
-        except ApiError as error:
-            return JSONResponse({"status": "not_ready", "reason": error.message},
+        """Ready only when the local model answers a one-token generation (reused for
+        gateway.readiness_cache_s, so probes cannot load the engine)."""
+        result = await self.readiness.check()
+        if not result.get("ready"):
+            return JSONResponse({"status": "not_ready", "reason": result.get("reason")},
                                 status_code=503)
-        return JSONResponse({"status": "ready", "model": probe["model"]})
+        return JSONResponse({"status": "ready", "model": result.get("model")})
 
     @app.get("/v1/models")
     async def list_models(self, request: Request) -> dict[str, Any]:
@@ -60,19 +54,23 @@ class OpenAIRoutes:
         context = context_of(request)
         served = models["embedding"]["id"]
         texts = body.texts()
+        # WordPiece makes at most one token per character, plus [CLS] and [SEP].
+        bound = sum(len(text) + 2 for text in texts)
         await self.chat.admit(context, api_key=api_key_of(request), model=body.model,
-                              model_known=body.model == served, texts=texts,
-                              max_output_tokens=0, price=self.settings.price_of(served))
+                              model_known=body.model == served,
+                              worst=WorstCase(tokens=bound, prompt_tokens=bound,
+                                              cost_usd=self.settings.price_of(served).cost(
+                                                  bound, 0)))
         try:
             response = await self._embed(body, texts, served, models["embedding"])
         except ApiError as error:
             context.error_code = error.code
-            await self.chat.record(context, error.status)
+            await self.chat.settle(context, error.status)
             raise
         context.model = served
         context.tokens_in = response["usage"]["prompt_tokens"]
         context.cost_usd = self.settings.price_of(served).cost(context.tokens_in, 0)
-        await self.chat.record(context, 200)
+        await self.chat.settle(context, 200)
         return JSONResponse(response)
 
     async def _embed(self, body: EmbeddingRequest, texts: list[str], served: str,

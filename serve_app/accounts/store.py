@@ -6,8 +6,9 @@ never stale. Only key hashes are stored.
 from __future__ import annotations
 
 import json
+import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -124,6 +125,7 @@ class AccountStore:
         now = time.time()
         record = ApiKeyRecord(key_id=new.key_id, tenant_id=tenant_id, key_hash=new.key_hash,
                               created_at=now, updated_at=now, **fields)
+        _validate(record)
         self.db.execute(
             "INSERT INTO api_keys (key_id, tenant_id, name, key_hash, allowed_models, rpm, tpm,"
             " budget_usd, budget_period, expires_at, disabled, can_confirm, alert_webhook_url,"
@@ -146,27 +148,30 @@ class AccountStore:
                       key=lambda k: k.created_at)
 
     def update(self, key_id: str, **fields: Any) -> ApiKeyRecord:
-        record = self._require(key_id)
+        """Validate everything, write the database, and only then change memory: a failed
+        update changes nothing anywhere."""
+        current = self._require(key_id)
         unknown = set(fields) - EDITABLE_FIELDS
         if unknown:
             raise ValueError(f"unknown key fields: {sorted(unknown)}")
-        for name, value in fields.items():
-            setattr(record, name, value)
-        record.updated_at = time.time()
-        self._save(record)
-        return record
+        candidate = replace(current, **fields, updated_at=time.time())
+        _validate(candidate)
+        self._save(candidate)
+        self.keys[key_id] = candidate
+        return candidate
 
     def rotate(self, key_id: str, grace_s: float = 0.0) -> NewKey:
         """A new secret for the same key (limits and spend carry over); the old secret keeps
         working for `grace_s` seconds so clients can switch without downtime."""
-        record = self._require(key_id)
+        current = self._require(key_id)
         new = generate_key(self.pepper, key_id=key_id)
         now = time.time()
-        record.previous_hash = record.key_hash if grace_s > 0 else None
-        record.previous_valid_until = now + grace_s if grace_s > 0 else None
-        record.key_hash = new.key_hash
-        record.updated_at = now
-        self._save(record)
+        candidate = replace(
+            current, key_hash=new.key_hash, updated_at=now,
+            previous_hash=current.key_hash if grace_s > 0 else None,
+            previous_valid_until=now + grace_s if grace_s > 0 else None)
+        self._save(candidate)
+        self.keys[key_id] = candidate
         return new
 
     def authenticate(self, full_key: str | None, now: float | None = None) -> ApiKeyRecord:
@@ -213,6 +218,37 @@ class AccountStore:
 
     def close(self) -> None:
         self.db.close()
+
+
+_INT64_MAX = 2**63 - 1
+
+
+def _validate(record: ApiKeyRecord) -> None:
+    """The store's own guard (the admin API validates first): every value must be of its
+    type and storable, so a write can never half-apply."""
+    def check(ok: bool, what: str) -> None:
+        if not ok:
+            raise ValueError(what)
+
+    check(isinstance(record.name, str), "name must be a string")
+    for name in ("rpm", "tpm"):
+        value = getattr(record, name)
+        check(value is None or (type(value) is int and 1 <= value <= _INT64_MAX),
+              f"{name} must be a positive integer or null")
+    for name in ("budget_usd", "expires_at"):
+        value = getattr(record, name)
+        check(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                and math.isfinite(value) and value >= 0),
+              f"{name} must be a finite non-negative number or null")
+    check(record.budget_period in ("day", "month"), "budget_period must be 'day' or 'month'")
+    for name in ("disabled", "can_confirm", "cache_sampled"):
+        check(isinstance(getattr(record, name), bool), f"{name} must be true or false")
+    check(record.allowed_models is None or (isinstance(record.allowed_models, list) and all(
+        isinstance(m, str) for m in record.allowed_models)),
+        "allowed_models must be a list of strings or null")
+    check(isinstance(record.route_overrides, dict), "route_overrides must be an object")
+    check(record.alert_webhook_url is None or isinstance(record.alert_webhook_url, str),
+          "alert_webhook_url must be a string or null")
 
 
 def _json_or_none(value: Any) -> str | None:

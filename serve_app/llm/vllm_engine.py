@@ -15,6 +15,7 @@ from typing import Any
 
 from serve_app.completions import completion_as_chunks
 from serve_app.errors import ApiError
+from serve_app.llm.prompt import template_messages
 from serve_app.llm.sampling import GenerationPlan, finish_reason, plan_generation
 from serve_app.llm.tool_calls import ToolCallFormat
 from serve_app.protocol import ChatCompletionRequest, new_completion_id, now
@@ -65,17 +66,16 @@ class VLLMChatEngine:
 
     def model_info(self) -> dict[str, Any]:
         return {"id": self.settings.served_name, "object": "model", "created": 0,
-                "owned_by": "local-vllm", "max_model_len": self.settings.max_model_len}
+                "owned_by": "local-vllm", "max_model_len": self.settings.max_model_len,
+                "default_max_tokens": self.settings.default_max_tokens}
 
     def running_requests(self) -> int:
         return len(self._running)
 
     # ----------------------------------------------------------------- prompts
     def prompt_token_ids(self, request: ChatCompletionRequest) -> list[int]:
-        messages = [_template_message(m.model_dump(exclude_none=True)) for m in request.messages]
-        tools = ToolCallFormat.for_request(request)
-        if tools is not None:
-            messages = tools.prompt_messages(messages)
+        # The same messages the gateway's LocalPromptTokenizer counts for reservations.
+        messages = template_messages(request)
         encoded = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True
         )
@@ -117,6 +117,8 @@ class VLLMChatEngine:
             prompt_ids, params, tools = self._prepare(request, stream=False)
         except ApiError as error:
             return error.to_payload()
+        except Exception as exc:  # what vLLM refuses to build from the request is a 400
+            return _invalid_request(exc).to_payload()
         final = None
         self._running.add(request_id)
         try:
@@ -127,6 +129,11 @@ class VLLMChatEngine:
         except asyncio.CancelledError:
             await self._abort(request_id)
             raise
+        except _REQUEST_ERRORS as exc:  # vLLM validates the request as it adds it
+            if final is None and not self.engine.errored:
+                return _invalid_request(exc).to_payload()
+            logger.exception("vLLM generate failed for %s", request_id)
+            return _engine_failure(exc).to_payload()
         except Exception as exc:  # engine failure: the client gets a 503, we get the log
             logger.exception("vLLM generate failed for %s", request_id)
             return _engine_failure(exc).to_payload()
@@ -155,6 +162,9 @@ class VLLMChatEngine:
             prompt_ids, params, tools = self._prepare(request, stream=True)
         except ApiError as error:
             yield error.to_payload()
+            return
+        except Exception as exc:
+            yield _invalid_request(exc).to_payload()
             return
         if tools is not None:
             # Tool calls must be parsed whole; run to the end and emit it as chunks.
@@ -192,6 +202,12 @@ class VLLMChatEngine:
         except (asyncio.CancelledError, GeneratorExit):
             await self._abort(request_id)
             raise
+        except _REQUEST_ERRORS as exc:
+            if completion_tokens == 0 and not self.engine.errored:
+                yield _invalid_request(exc).to_payload()
+            else:
+                logger.exception("vLLM stream failed for %s", request_id)
+                yield _engine_failure(exc).to_payload()
         except Exception as exc:
             logger.exception("vLLM stream failed for %s", request_id)
             yield _engine_failure(exc).to_payload()
@@ -207,18 +223,20 @@ class VLLMChatEngine:
             logger.debug("abort of %s ignored", request_id, exc_info=True)
 
 
-def _template_message(message: dict[str, Any]) -> dict[str, Any]:
-    content = message.get("content")
-    if isinstance(content, list):
-        message["content"] = "".join(part.get("text", "") for part in content)
-    if content is None:
-        message["content"] = ""
-    return message
-
-
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
+
+
+# What vLLM raises for a request it will not run (bad sampling values, a schema its
+# grammar compiler refuses): the client's fault, so 400 and no fallback.
+_REQUEST_ERRORS = (ValueError, TypeError, OverflowError)
+
+
+def _invalid_request(exc: Exception) -> ApiError:
+    logger.info("request refused by vLLM: %s: %s", type(exc).__name__, str(exc)[:300])
+    return ApiError(400, f"The model cannot run this request: {str(exc)[:300]}",
+                    code="invalid_request")
 
 
 def _engine_failure(exc: Exception) -> ApiError:

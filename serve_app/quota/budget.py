@@ -76,6 +76,15 @@ class BudgetBook:
         state.reservations[reservation_id] = amount
         return True
 
+    def try_extend(self, key_id: str, budget: float, period: str, now: float,
+                   amount: float, reservation_id: str) -> bool:
+        """Raise a reservation by `amount` if the budget still holds it."""
+        state = self._state(key_id, period, now)
+        if state.spent + state.reserved + amount > budget + 1e-12:
+            return False
+        state.reservations[reservation_id] = state.reservations.get(reservation_id, 0.0) + amount
+        return True
+
     def release(self, key_id: str, reservation_id: str) -> None:
         state = self.keys.get(key_id)
         if state is not None:

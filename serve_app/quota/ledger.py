@@ -49,6 +49,12 @@ MIGRATIONS = [
         PRIMARY KEY (key_id, period_start, threshold)
     )
     """,
+    # The caller's x-request-id: a correlation field only (never a key), looked up per
+    # tenant. request_id is always the server's own id.
+    """
+    ALTER TABLE usage ADD COLUMN client_request_id TEXT;
+    CREATE INDEX usage_tenant_client ON usage(tenant_id, client_request_id)
+    """,
 ]
 
 GROUP_COLUMNS = {"key": "key_id", "tenant": "tenant_id", "model": "model", "tier": "tier",
@@ -74,6 +80,7 @@ class UsageRow:
     error_code: str | None = None
     fallback: str | None = None
     sources: list[str] | None = None
+    client_request_id: str | None = None
 
     def values(self) -> tuple[Any, ...]:
         data = asdict(self)
@@ -150,8 +157,10 @@ class UsageLedger:
 
     def rows(self, *, start: float | None = None, end: float | None = None,
              tenant_id: str | None = None, key_id: str | None = None,
-             limit: int = 1000) -> list[dict[str, Any]]:
-        where, params = _filters(start, end, tenant_id, key_id)
+             client_request_id: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        if client_request_id is not None and tenant_id is None:
+            raise ValueError("client_request_id is looked up per tenant: add tenant_id")
+        where, params = _filters(start, end, tenant_id, key_id, client_request_id)
         return [_decoded(r) for r in self._read(
             f"SELECT * FROM usage {where} ORDER BY ts DESC LIMIT ?", (*params, limit))]
 
@@ -185,10 +194,11 @@ class UsageLedger:
 
 
 def _filters(start: float | None, end: float | None, tenant_id: str | None,
-             key_id: str | None) -> tuple[str, tuple[Any, ...]]:
+             key_id: str | None, client_request_id: str | None = None
+             ) -> tuple[str, tuple[Any, ...]]:
     clauses, params = [], []
     for clause, value in (("ts >= ?", start), ("ts < ?", end), ("tenant_id = ?", tenant_id),
-                          ("key_id = ?", key_id)):
+                          ("key_id = ?", key_id), ("client_request_id = ?", client_request_id)):
         if value is not None:
             clauses.append(clause)
             params.append(value)

@@ -19,11 +19,15 @@ class SlidingWindow:
     def __init__(self, window_s: float = 60.0) -> None:
         self.window_s = window_s
         self.events: deque[_Event] = deque()
+        self._by_token: dict[str, _Event] = {}  # O(1) settlement, whatever the traffic
         self._total = 0.0
 
     def _expire(self, now: float) -> None:
         while self.events and self.events[0].at <= now - self.window_s:
-            self._total -= self.events.popleft().weight
+            event = self.events.popleft()
+            self._total -= event.weight
+            if self._by_token.get(event.token) is event:
+                del self._by_token[event.token]
 
     def total(self, now: float) -> float:
         self._expire(now)
@@ -48,16 +52,21 @@ class SlidingWindow:
         return self.window_s
 
     def add(self, now: float, weight: float, token: str) -> None:
-        self.events.append(_Event(now, weight, token))
+        event = _Event(now, weight, token)
+        self.events.append(event)
+        self._by_token[token] = event
         self._total += weight
+
+    def weight_of(self, token: str) -> float | None:
+        event = self._by_token.get(token)
+        return None if event is None else event.weight
 
     def adjust(self, token: str, weight: float) -> None:
         """Replace an estimate with the real weight (settlement); no-op once aged out."""
-        for event in self.events:
-            if event.token == token:
-                self._total += weight - event.weight
-                event.weight = weight
-                return
+        event = self._by_token.get(token)
+        if event is not None:
+            self._total += weight - event.weight
+            event.weight = weight
 
 
 class KeyLimiter:
@@ -82,3 +91,16 @@ class KeyLimiter:
 
     def settle(self, token: str, actual_tokens: int) -> None:
         self.tokens.adjust(token, actual_tokens)
+
+    def try_extend(self, now: float, tpm: int | None, token: str, extra: int) -> bool:
+        """Add `extra` tokens to a reservation still in the window, if they fit the TPM."""
+        if extra <= 0:
+            return True
+        if tpm is not None and not self.tokens.fits(now, extra, tpm):
+            return False
+        current = self.tokens.weight_of(token)
+        if current is None:  # aged out already: book it as a fresh event
+            self.tokens.add(now, extra, token)
+        else:
+            self.tokens.adjust(token, current + extra)
+        return True

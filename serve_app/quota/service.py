@@ -10,7 +10,6 @@ from __future__ import annotations
 import hmac
 import math
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -54,7 +53,7 @@ class _NoEvents:
 class QuotaPolicy:
     auth_required: bool = True
     window_s: float = 60.0
-    output_tokens_estimate: int = 256
+    reservation_ttl_s: float = 900.0
     alert_thresholds: tuple[float, ...] = (0.5, 0.8, 1.0)
     alert_webhook_url: str | None = None
 
@@ -75,7 +74,8 @@ class QuotaService:
         self.alert_log = alert_log or (lambda payload: None)
         self.limiters: dict[str, KeyLimiter] = {}
         self.budgets = BudgetBook(self.ledger.spent_since)
-        self.reservations: dict[str, dict[str, Any]] = {}
+        self.reservations: dict[str, dict[str, Any]] = {}  # request id -> reservation
+        self.expired_reservations = 0
 
     # ------------------------------------------------------------------ admission
     def authenticate(self, api_key: str | None,
@@ -102,10 +102,12 @@ class QuotaService:
             message, code = _AUTH_MESSAGES[failure.reason]
             raise ApiError(401, message, code=code) from None
 
-    def admit(self, *, api_key: str | None, model: str, model_known: bool,
-              prompt_tokens: int, max_output_tokens: int | None, price: Price,
-              request_id: str, key_id: str | None = None) -> dict[str, Any]:
-        """Authenticate, authorise the model and reserve RPM, TPM and budget, atomically.
+    def admit(self, *, api_key: str | None, model: str, model_known: bool, tokens: int,
+              cost_usd: float, request_id: str, key_id: str | None = None) -> dict[str, Any]:
+        """Authenticate, authorise the model and reserve RPM, `tokens` of TPM and `cost_usd`
+        of budget, atomically. `tokens` and `cost_usd` are the request's worst case (the
+        caller counts what is really sent and caps the output). `request_id` is the
+        server's id for this request (never a client's); a duplicate is refused.
         Returns {"principal", "reservation"}; raises ApiError (401/403/404/429)."""
         record = self.authenticate(api_key, key_id)
         if not model_known:
@@ -117,33 +119,84 @@ class QuotaService:
             raise ApiError(403, f"This API key may not use the model '{model}'.",
                            code="model_not_allowed", param="model")
         now = self.clock()
-        output = max_output_tokens or self.policy.output_tokens_estimate
-        tokens = prompt_tokens + output
+        self._expire_reservations(now)
+        if request_id in self.reservations:
+            raise ApiError(409, "Duplicate internal request id.", code="duplicate_request")
+        tokens = max(0, int(tokens))
+        cost_usd = max(0.0, float(cost_usd))
         limiter = self.limiters.setdefault(record.key_id, KeyLimiter(self.policy.window_s))
         blocked = limiter.check(now, record.rpm, record.tpm, tokens)
         if blocked is not None:
             limit, wait = blocked
             self.events.rate_limited(record.tenant_id, record.key_id, limit)
             raise _rate_limited(limit, wait, record, tokens)
-        worst_cost = price.cost(prompt_tokens, output)
         if record.budget_usd is not None:
             if not self.budgets.try_reserve(record.key_id, record.budget_usd,
-                                            record.budget_period, now, worst_cost, request_id):
-                self.events.rate_limited(record.tenant_id, record.key_id, "budget")
-                remaining = self.budgets.remaining(record.key_id, record.budget_usd,
-                                                   record.budget_period, now)
-                _, period_end = period_bounds(record.budget_period, now)
-                raise ApiError(
-                    429, f"Budget exceeded: this request may cost up to ${worst_cost:.6f} and "
-                    f"${max(remaining, 0):.6f} of the {record.budget_period}ly budget "
-                    f"${record.budget_usd:.2f} is left. Lower max_tokens or wait for the next "
-                    "period.", code="budget_exceeded",
-                    headers={"retry-after": str(max(1, math.ceil(period_end - now)))})
+                                            record.budget_period, now, cost_usd, request_id):
+                raise self._budget_exceeded(record, now, cost_usd)
         limiter.add(now, tokens, request_id)
         reservation = {"id": request_id, "key_id": record.key_id, "tokens": tokens,
-                       "cost": worst_cost, "at": now}
+                       "cost": cost_usd, "at": now,
+                       "expires_at": now + self.policy.reservation_ttl_s}
         self.reservations[request_id] = reservation
         return {"principal": _principal(record), "reservation": reservation}
+
+    def extend(self, request_id: str, tokens: int, cost_usd: float) -> dict[str, Any]:
+        """Raise an admitted request's reservation (RAG context found after admission):
+        the same TPM and budget checks as admission, for the extra part only."""
+        now = self.clock()
+        self._expire_reservations(now)
+        reservation = self.reservations.get(request_id)
+        if reservation is None:
+            raise ApiError(409, "The request's reservation has expired.",
+                           code="reservation_expired")
+        record = self.accounts.get(reservation["key_id"])
+        if record is None:
+            raise ApiError(401, "The API key no longer exists.", code="invalid_api_key")
+        tokens = max(0, int(tokens))
+        cost_usd = max(0.0, float(cost_usd))
+        limiter = self.limiters.setdefault(record.key_id, KeyLimiter(self.policy.window_s))
+        if not limiter.try_extend(now, record.tpm, request_id, tokens):
+            self.events.rate_limited(record.tenant_id, record.key_id, "tpm")
+            wait = limiter.tokens.retry_after(now, tokens, float(record.tpm or 0))
+            seconds = max(1, math.ceil(self.policy.window_s if math.isinf(wait) else wait))
+            raise ApiError(429, f"Rate limit reached: {record.tpm} tokens per minute (the "
+                           f"retrieved context adds {tokens}). Retry after {seconds} s or ask "
+                           "for fewer sources.", code="rate_limit_tpm",
+                           headers={"retry-after": str(seconds)})
+        if record.budget_usd is not None and not self.budgets.try_extend(
+                record.key_id, record.budget_usd, record.budget_period, now, cost_usd,
+                request_id):
+            limiter.tokens.adjust(request_id, reservation["tokens"])  # undo the TPM part
+            raise self._budget_exceeded(record, now, cost_usd)
+        reservation["tokens"] += tokens
+        reservation["cost"] += cost_usd
+        return {"reservation": dict(reservation)}
+
+    def _budget_exceeded(self, record: ApiKeyRecord, now: float, cost: float) -> ApiError:
+        assert record.budget_usd is not None
+        self.events.rate_limited(record.tenant_id, record.key_id, "budget")
+        remaining = self.budgets.remaining(record.key_id, record.budget_usd,
+                                           record.budget_period, now)
+        _, period_end = period_bounds(record.budget_period, now)
+        return ApiError(
+            429, f"Budget exceeded: this request may cost up to ${cost:.6f} and "
+            f"${max(remaining, 0):.6f} of the {record.budget_period}ly budget "
+            f"${record.budget_usd:.2f} is left. Lower max_tokens or wait for the next "
+            "period.", code="budget_exceeded",
+            headers={"retry-after": str(max(1, math.ceil(period_end - now)))})
+
+    def _expire_reservations(self, now: float) -> None:
+        """Reservations whose request never settled (a crashed gateway) are released after
+        their TTL instead of blocking the key's budget in every later period. Insertion
+        order is expiry order (one TTL), so this pops from the front: O(1) amortised."""
+        while self.reservations:
+            request_id, reservation = next(iter(self.reservations.items()))
+            if reservation["expires_at"] > now:
+                return
+            del self.reservations[request_id]
+            self.budgets.release(reservation["key_id"], request_id)
+            self.expired_reservations += 1
 
     # ------------------------------------------------------------------ settlement
     async def settle(self, row: UsageRow) -> dict[str, Any]:
@@ -159,6 +212,8 @@ class QuotaService:
         await self.ledger.append(row)
         self.reservations.pop(row.request_id, None)
         if record is None or already:
+            if record is not None:
+                self.budgets.release(record.key_id, row.request_id)
             return {"recorded": True, "remaining_budget": None}
         limiter = self.limiters.get(record.key_id)
         if limiter is not None:
@@ -227,12 +282,12 @@ class QuotaService:
 def _principal(record: ApiKeyRecord) -> dict[str, Any]:
     return {"tenant_id": record.tenant_id, "key_id": record.key_id,
             "can_confirm": record.can_confirm, "route_overrides": record.route_overrides,
-            "cache_sampled": record.cache_sampled}
+            "cache_sampled": record.cache_sampled, "allowed_models": record.allowed_models}
 
 
 def _anonymous() -> dict[str, Any]:
     return {"tenant_id": ANONYMOUS, "key_id": ANONYMOUS, "can_confirm": False,
-            "route_overrides": {}, "cache_sampled": False}
+            "route_overrides": {}, "cache_sampled": False, "allowed_models": None}
 
 
 def _rate_limited(limit: str, wait: float, record: ApiKeyRecord, tokens: int) -> ApiError:
@@ -247,6 +302,3 @@ def _rate_limited(limit: str, wait: float, record: ApiKeyRecord, tokens: int) ->
                     f"{seconds} s.", code=f"rate_limit_{limit}",
                     headers={"retry-after": str(seconds)})
 
-
-def new_reservation_id() -> str:
-    return uuid.uuid4().hex

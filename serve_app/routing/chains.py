@@ -7,8 +7,11 @@ how the offline default shows up in x-fallback ("openai-mini:no_key>...>local").
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+from typing import Any
+
+from serve_app.errors import ApiError
 
 from serve_app.routing.config import LOCAL_TARGET, TIERS, RouterSettings
 from serve_app.routing.fallback import CompleteFn, FallbackChain, StreamFn, Target
@@ -26,8 +29,10 @@ class ChainBuilder:
                  remote: Callable[[str], TargetCalls], local_model: str,
                  environ: Mapping[str, str] | None = None,
                  local_skip: Callable[[], str | None] | None = None,
-                 local_first_output_timeout_s: float | None = None) -> None:
+                 local_first_output_timeout_s: float | None = None,
+                 provider_default_max_tokens: int | None = None) -> None:
         self.settings = settings
+        self.provider_default_max_tokens = provider_default_max_tokens
         self.local = local
         self.remote = remote
         self.local_model = local_model
@@ -43,17 +48,48 @@ class ChainBuilder:
         provider = self.settings.provider(name)
         calls = self.remote(name)
         has_key = provider.available(self.environ)
-        return Target(name, calls.complete, calls.stream,
+        complete, stream = calls.complete, calls.stream
+        cap = self.provider_default_max_tokens
+        if cap is not None:
+            # Providers are never asked for an unbounded answer: the reservation assumed
+            # this cap when the client set none.
+            def capped(request: dict[str, Any]) -> dict[str, Any]:
+                if request.get("max_tokens") or request.get("max_completion_tokens"):
+                    return request
+                return {**request, "max_tokens": cap}
+
+            complete = _with_request(calls.complete, capped)
+            stream = _with_request(calls.stream, capped)
+        return Target(name, complete, stream,
                       skip_reason=(lambda: None) if has_key else (lambda: "no_key"),
                       model=provider.model)
 
-    def for_tier(self, tier: str) -> FallbackChain:
+    def _chain(self, names: list[str], label: str,
+               allowed: Collection[str] | None) -> FallbackChain:
+        targets = [self.target(n) for n in names]
+        if allowed is not None:
+            # A key's allowed_models bound the model that answers, not just the name asked.
+            targets = [t for t in targets if t.name in allowed or t.model in allowed]
+            if not targets:
+                raise ApiError(403, f"This API key may not use any model that {label} can "
+                               "route to.", code="model_not_allowed", param="model")
+        return FallbackChain(targets, label=label)
+
+    def for_tier(self, tier: str, allowed: Collection[str] | None = None) -> FallbackChain:
         if tier not in TIERS:
             raise ValueError(f"unknown tier {tier!r}")
         names = self.settings.resolved_chain(tier, self.environ)
-        return FallbackChain([self.target(n) for n in names], label=f"tier {tier}")
+        return self._chain(names, f"tier {tier}", allowed)
 
-    def for_explicit(self, target: str, policy: RoutingPolicy) -> FallbackChain:
+    def for_explicit(self, target: str, policy: RoutingPolicy,
+                     allowed: Collection[str] | None = None) -> FallbackChain:
         chains = {tier: self.settings.tiers.chain(tier) for tier in TIERS}
         names = policy.explicit_chain(target, chains)
-        return FallbackChain([self.target(n) for n in names], label=f"model {target}")
+        return self._chain(names, f"model {target}", allowed)
+
+
+def _with_request(call: Any, change: Callable[[dict[str, Any]], dict[str, Any]]) -> Any:
+    def wrapped(request: dict[str, Any], request_id: str) -> Any:
+        return call(change(request), request_id)
+
+    return wrapped

@@ -68,6 +68,10 @@ class ProviderSettings(_Strict):
     timeout_s: float = Field(30.0, gt=0, description="Per attempt: whole call, or the wait "
                              "for the first streamed chunk and between chunks.")
     connect_timeout_s: float = Field(5.0, gt=0, description="TCP/TLS connect timeout.")
+    tokenizer: Literal["tiktoken", "bytes"] = Field(
+        "tiktoken", description="How reservations count this provider's prompt tokens: "
+        "'tiktoken' (OpenAI's BPE plus a 10% margin), or 'bytes' (UTF-8 length, a hard upper "
+        "bound for any byte-level BPE) when its tokenizer is unknown.")
     retry: RetrySettings = RetrySettings()
     circuit_breaker: CircuitBreakerSettings = CircuitBreakerSettings()
 

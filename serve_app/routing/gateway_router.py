@@ -4,11 +4,13 @@ are injected callables (the gateway passes handles; tests pass fakes)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from serve_app.errors import ApiError
+from serve_app.llm.token_count import COUNTERS, LocalCounter, PromptCounter
+from serve_app.protocol import ChatCompletionRequest
 from serve_app.quota.pricing import Price
 from serve_app.routing.chains import ChainBuilder, TargetCalls
 from serve_app.routing.config import LOCAL_TARGET, TIERS, RouterSettings
@@ -39,13 +41,30 @@ class RouteDecision:
         return headers
 
 
+@dataclass(frozen=True)
+class WorstCase:
+    """What a request may cost on the dearest target it can reach: the reservation."""
+
+    tokens: int  # prompt + n x capped output, on the target where that is largest
+    cost_usd: float
+    prompt_tokens: int  # the largest prompt count among the targets
+
+
 class GatewayRouter:
     def __init__(self, settings: RouterSettings, *, local_model: str, local: TargetCalls,
                  remote: Callable[[str], TargetCalls], classify: Classify, embed: Embed,
                  environ: Mapping[str, str] | None = None,
-                 local_skip: Callable[[], str | None] | None = None) -> None:
+                 local_skip: Callable[[], str | None] | None = None,
+                 local_default_max_tokens: int = 256,
+                 provider_default_max_tokens: int = 256,
+                 local_counter: PromptCounter | None = None) -> None:
         self.settings = settings
         self.local_model = local_model
+        self.local_default_max_tokens = local_default_max_tokens
+        self.provider_default_max_tokens = provider_default_max_tokens
+        self.local_counter = local_counter or LocalCounter()
+        self.counters: dict[str, PromptCounter] = {
+            provider.name: COUNTERS[provider.tokenizer]() for provider in settings.providers}
         self.environ = environ
         self.classify = classify
         self.embed = embed
@@ -53,7 +72,8 @@ class GatewayRouter:
                                     explicit_targets=settings.explicit_targets(local_model))
         self.chains = ChainBuilder(settings, local=local, remote=remote,
                                    local_model=local_model, environ=environ,
-                                   local_skip=local_skip)
+                                   local_skip=local_skip,
+                                   provider_default_max_tokens=provider_default_max_tokens)
 
     # ------------------------------------------------------------------ names and prices
     def resolve(self, model: str) -> RouteRequest | None:
@@ -85,19 +105,43 @@ class GatewayRouter:
         return Price(input_per_mtok=max(p.input_per_mtok for p in prices),
                      output_per_mtok=max(p.output_per_mtok for p in prices))
 
+    def worst_case(self, route: RouteRequest, request: ChatCompletionRequest) -> WorstCase:
+        """Count the prompt as each reachable target would (its tokenizer), cap the output
+        as that target will be capped, times `n`; the maximum over targets."""
+        tokens, cost, prompt_max = 0, 0.0, 0
+        asked = request.output_token_limit()
+        for target in self._candidate_targets(route):
+            if target != LOCAL_TARGET and not self.settings.target_available(target,
+                                                                             self.environ):
+                continue  # skipped with no_key before any call
+            if target == LOCAL_TARGET:
+                prompt = self.local_counter.count(request)
+                output = asked or self.local_default_max_tokens
+            else:
+                prompt = self.counters[target].count(request)
+                output = asked or self.provider_default_max_tokens
+            output *= request.n
+            prompt_max = max(prompt_max, prompt)
+            tokens = max(tokens, prompt + output)
+            cost = max(cost, self.price(target).cost(prompt, output))
+        return WorstCase(tokens=tokens, cost_usd=cost, prompt_tokens=prompt_max)
+
     def cost(self, target: str, tokens_in: int, tokens_out: int) -> float:
         return self.settings.target_cost_usd(target, tokens_in, tokens_out)
 
     # ------------------------------------------------------------------ decisions
     async def decide(self, route: RouteRequest, messages: Sequence[Mapping[str, Any]],
-                     vector: list[float] | None, overrides: Mapping[str, Any] | None
-                     ) -> RouteDecision:
+                     vector: list[float] | None, overrides: Mapping[str, Any] | None,
+                     allowed: Collection[str] | None = None) -> RouteDecision:
+        """`allowed`: the key's allowed models; targets outside them are left out."""
         if route.kind == "explicit":
             assert route.target is not None
-            return RouteDecision(route, self.chains.for_explicit(route.target, self.policy))
+            return RouteDecision(route, self.chains.for_explicit(route.target, self.policy,
+                                                                 allowed))
         if route.kind == "tier":
             assert route.tier is not None
-            return RouteDecision(route, self.chains.for_tier(route.tier), tier=route.tier)
+            return RouteDecision(route, self.chains.for_tier(route.tier, allowed),
+                                 tier=route.tier)
         text = routing_text(messages)
         try:
             if vector is None:
@@ -108,9 +152,10 @@ class GatewayRouter:
             # No outage of the classifier reaches the client: a safe middle tier answers.
             logger.warning("classifier unavailable (%s); routing to %s", error.message,
                            FALLBACK_TIER)
-            return RouteDecision(route, self.chains.for_tier(FALLBACK_TIER), tier=FALLBACK_TIER)
+            return RouteDecision(route, self.chains.for_tier(FALLBACK_TIER, allowed),
+                                 tier=FALLBACK_TIER)
         tier = verdict["tier"]
-        return RouteDecision(route, self.chains.for_tier(tier), tier=tier,
+        return RouteDecision(route, self.chains.for_tier(tier, allowed), tier=tier,
                              score=float(verdict["score"]),
                              model_version=verdict.get("model_version"))
 

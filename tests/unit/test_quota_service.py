@@ -40,8 +40,9 @@ def setup(tmp_path):
 
 
 def admit(service, key, *, model="m", known=True, prompt=10, out=10, rid="r"):
-    return service.admit(api_key=key, model=model, model_known=known, prompt_tokens=prompt,
-                         max_output_tokens=out, price=PRICE, request_id=rid)
+    """The gateway reserves the worst case: prompt + capped output, priced."""
+    return service.admit(api_key=key, model=model, model_known=known, tokens=prompt + out,
+                         cost_usd=PRICE.cost(prompt, out), request_id=rid)
 
 
 def row(rid, key_id, cost, tokens=(5, 5), status=200):
