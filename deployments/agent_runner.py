@@ -8,6 +8,11 @@ Arguments (bound in the app builder):
   DeploymentHandle with a `complete` method (the chat routing/accounting path). Without it,
   `agent.llm_base_url` (an OpenAI-compatible server) is used.
 - retriever: optional DeploymentHandle with `search(query, top_k) -> list[dict]`.
+
+Callers pass the principal (the gateway's caller dict: tenant_id, key_id, can_confirm,
+can_self_confirm, admin) as the last argument: sessions belong to their creating key and
+every check (grants, confirmation policy, the key an LLM step is admitted under) is made
+here from it. `owner` (a tenant id) alone is the older, tenant-wide form.
 """
 from __future__ import annotations
 
@@ -17,9 +22,11 @@ from typing import Any
 
 from ray import serve
 
+from serve_app.agent.access import Principal
 from serve_app.agent.config import AgentSettings
 from serve_app.agent.llm_port import LLMPort, OpenAICompatibleLLM
-from serve_app.agent.protocol import ConfirmRequest, CreateSessionRequest, PostMessageRequest, parse
+from serve_app.agent.protocol import (ConfirmRequest, CreateSessionRequest, GrantRequest,
+                                      PostMessageRequest, parse)
 from serve_app.agent.runner import AgentService
 from serve_app.agent.sandbox import SandboxUnavailable
 from serve_app.errors import ApiError, is_error_payload
@@ -91,36 +98,67 @@ class AgentRunner:
         except SandboxUnavailable as error:  # the python tool will answer with this reason
             logger.warning("agent sandbox unavailable: %s", error)
 
-    async def create_session(self, body: dict[str, Any], owner: str | None) -> dict[str, Any]:
+    async def create_session(self, body: dict[str, Any], owner: str | None,
+                             principal: dict[str, Any] | None = None) -> dict[str, Any]:
         async def run() -> dict[str, Any]:
             request = parse(CreateSessionRequest, body)
-            return await self.service.create_session(owner=owner, **request.model_dump())
+            return await self.service.create_session(
+                owner=owner, principal=Principal.from_wire(principal), **request.model_dump())
         return await _guarded(run())
 
-    async def post_message(self, session_id: str, body: dict[str, Any],
-                           owner: str | None) -> dict[str, Any]:
+    async def post_message(self, session_id: str, body: dict[str, Any], owner: str | None,
+                           principal: dict[str, Any] | None = None) -> dict[str, Any]:
         async def run() -> dict[str, Any]:
             request = parse(PostMessageRequest, body)
-            return await self.service.post_message(session_id, request.content, owner=owner)
+            return await self.service.post_message(session_id, request.content, owner=owner,
+                                                   principal=Principal.from_wire(principal))
         return await _guarded(run())
 
-    async def get(self, session_id: str, owner: str | None) -> dict[str, Any]:
-        return await _guarded(self.service.get(session_id, owner=owner))
+    async def get(self, session_id: str, owner: str | None,
+                  principal: dict[str, Any] | None = None) -> dict[str, Any]:
+        async def run() -> dict[str, Any]:
+            return await self.service.get(session_id, owner=owner,
+                                          principal=Principal.from_wire(principal))
+        return await _guarded(run())
 
-    async def audit(self, session_id: str, owner: str | None) -> dict[str, Any]:
-        return await _guarded(self.service.audit(session_id, owner=owner))
+    async def audit(self, session_id: str, owner: str | None,
+                    principal: dict[str, Any] | None = None) -> dict[str, Any]:
+        async def run() -> dict[str, Any]:
+            return await self.service.audit(session_id, owner=owner,
+                                            principal=Principal.from_wire(principal))
+        return await _guarded(run())
 
     async def confirm(self, session_id: str, call_id: str, body: dict[str, Any], *,
-                      confirmer: str, may_confirm: bool, owner: str | None) -> dict[str, Any]:
+                      confirmer: str | None = None, may_confirm: bool = False,
+                      owner: str | None = None,
+                      principal: dict[str, Any] | None = None) -> dict[str, Any]:
         async def run() -> dict[str, Any]:
             request = parse(ConfirmRequest, body)
             return await self.service.confirm(session_id, call_id, approve=request.approve,
                                               confirmer=confirmer, may_confirm=may_confirm,
-                                              owner=owner)
+                                              owner=owner,
+                                              principal=Principal.from_wire(principal))
         return await _guarded(run())
 
-    async def delete(self, session_id: str, owner: str | None) -> dict[str, Any]:
-        return await _guarded(self.service.delete(session_id, owner=owner))
+    async def confirm_call(self, session_id: str, call_id: str, body: dict[str, Any],
+                           principal: dict[str, Any]) -> dict[str, Any]:
+        """confirm() for the gateway: the confirmer and its policy come from the principal."""
+        return await self.confirm(session_id, call_id, body, principal=principal)
+
+    async def grant(self, session_id: str, body: dict[str, Any],
+                    principal: dict[str, Any]) -> dict[str, Any]:
+        async def run() -> dict[str, Any]:
+            request = parse(GrantRequest, body)
+            return await self.service.grant(session_id, request.key_id, request.right,
+                                            principal=Principal.from_wire(principal))
+        return await _guarded(run())
+
+    async def delete(self, session_id: str, owner: str | None,
+                     principal: dict[str, Any] | None = None) -> dict[str, Any]:
+        async def run() -> dict[str, Any]:
+            return await self.service.delete(session_id, owner=owner,
+                                             principal=Principal.from_wire(principal))
+        return await _guarded(run())
 
     def verify_audit_chain(self) -> dict[str, Any]:
         broken = self.service.verify_audit_chain()

@@ -127,8 +127,10 @@ class Quota:
         def run() -> dict[str, Any]:
             record = self.service.authenticate(api_key)
             return {"tenant_id": record.tenant_id, "key_id": record.key_id,
-                    "can_confirm": record.can_confirm} if record else {
-                "tenant_id": "anonymous", "key_id": "anonymous", "can_confirm": False}
+                    "can_confirm": record.can_confirm,
+                    "can_self_confirm": record.can_self_confirm} if record else {
+                "tenant_id": "anonymous", "key_id": "anonymous", "can_confirm": False,
+                "can_self_confirm": False}
         return _payload_errors(run)
 
     async def settle(self, row: dict[str, Any]) -> Any:

@@ -1,12 +1,14 @@
-"""Per-address limits for traffic that carries no valid key (pure, no Ray).
+"""Per-address limits for traffic that carries no known-good key (pure, no Ray).
 
-Requests that end unauthenticated (401) are counted per client address. Past
-`per_minute` of them in the window, the address's requests are refused with 429 at the
-edge, before they cost the Quota service anything, unless they present a key that
-authenticated recently on this replica (so a legitimate client behind the same NAT as an
-attacker keeps working). Revocation is unaffected: a key that passes the gate is still
-authenticated by the Quota service on every request.
-Memory is bounded: at most `max_addresses` addresses and `max_keys` known-good keys (LRU).
+Every request from an address whose key has not authenticated recently on this replica
+takes a slot in the address's window before it may cost the Quota service anything; past
+`per_minute` slots the address gets 429 at the edge. A slot is given back when its request
+turns out authenticated (and its key becomes known-good, so later requests with it skip
+the gate: a legitimate client behind the same NAT as an attacker keeps working). Slots are
+taken when the request starts, so a concurrent burst is cut exactly, not after the fact.
+Revocation is unaffected: a key that skips the gate is still authenticated by the Quota
+service on every request. Memory is bounded: at most `max_addresses` addresses (each at
+most `per_minute` timestamps) and `max_keys` known-good key fingerprints (LRU).
 """
 from __future__ import annotations
 
@@ -31,43 +33,43 @@ class AddressGate:
         self.max_keys = max_keys
         self.key_ttl_s = key_ttl_s
         self.clock = clock
-        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self._slots: OrderedDict[str, deque[float]] = OrderedDict()
         self._good_keys: OrderedDict[str, float] = OrderedDict()
 
-    def retry_after(self, address: str, api_key: str | None) -> int | None:
-        """Seconds to wait if this request must be refused now, else None."""
+    def enter(self, address: str, api_key: str | None) -> tuple[int | None, float | None]:
+        """(seconds to wait if refused now, else None; the slot taken, if any)."""
         now = self.clock()
         if api_key and self._known_good(key_fingerprint(api_key), now):
-            return None
-        failures = self._failures.get(address)
-        if failures is None:
-            return None
-        self._expire(failures, now)
-        if len(failures) < self.per_minute:
-            return None
-        return max(1, math.ceil(failures[0] + self.window_s - now))
+            return None, None
+        slots = self._slots.get(address)
+        if slots is None:
+            slots = self._slots[address] = deque()
+            while len(self._slots) > self.max_addresses:
+                self._slots.popitem(last=False)
+        self._slots.move_to_end(address)
+        self._expire(slots, now)
+        if len(slots) >= self.per_minute:
+            return max(1, math.ceil(slots[0] + self.window_s - now)), None
+        slots.append(now)
+        return None, now
 
-    def record(self, address: str, api_key: str | None, *, authenticated: bool,
-               unauthenticated: bool) -> None:
-        now = self.clock()
-        if authenticated and api_key:
+    def leave(self, address: str, api_key: str | None, slot: float | None, *,
+              authenticated: bool) -> None:
+        """After the response: an authenticated request gives its slot back."""
+        if not authenticated:
+            return
+        if api_key:
             fingerprint = key_fingerprint(api_key)
-            self._good_keys[fingerprint] = now + self.key_ttl_s
+            self._good_keys[fingerprint] = self.clock() + self.key_ttl_s
             self._good_keys.move_to_end(fingerprint)
             while len(self._good_keys) > self.max_keys:
                 self._good_keys.popitem(last=False)
-        if not unauthenticated:
-            return
-        failures = self._failures.get(address)
-        if failures is None:
-            failures = self._failures[address] = deque()
-            while len(self._failures) > self.max_addresses:
-                self._failures.popitem(last=False)
-        self._failures.move_to_end(address)
-        self._expire(failures, now)
-        failures.append(now)
-        while len(failures) > self.per_minute:  # only the newest `per_minute` matter
-            failures.popleft()
+        slots = self._slots.get(address)
+        if slot is not None and slots is not None:
+            try:
+                slots.remove(slot)
+            except ValueError:  # aged out already
+                pass
 
     def _known_good(self, fingerprint: str, now: float) -> bool:
         expires = self._good_keys.get(fingerprint)
@@ -78,6 +80,6 @@ class AddressGate:
             return False
         return True
 
-    def _expire(self, failures: deque[float], now: float) -> None:
-        while failures and failures[0] <= now - self.window_s:
-            failures.popleft()
+    def _expire(self, slots: deque[float], now: float) -> None:
+        while slots and slots[0] <= now - self.window_s:
+            slots.popleft()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -25,14 +24,18 @@ from typing import Any
 
 import httpx
 
+from serve_app import textmatch
 from serve_app.secrets_store import admin_key_path
 from serve_app.settings import resolve_data_dir
 
 PREFIX = "/admin/v1"
 
 
+_DURATION = textmatch.compile(r"(\d+(?:\.\d+)?)([smhd])")
+
+
 def _duration_s(text: str) -> float:
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text)
+    match = _DURATION.fullmatch(text)
     if not match:
         raise argparse.ArgumentTypeError("use e.g. 30m, 24h, 7d")
     return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
@@ -60,7 +63,7 @@ def _key_fields(args: argparse.Namespace) -> dict[str, Any]:
         fields["budget_period"] = args.period
     if getattr(args, "models", None):
         fields["allowed_models"] = [m for m in args.models.split(",") if m]
-    for flag in ("can_confirm", "cache_sampled"):
+    for flag in ("can_confirm", "can_self_confirm", "cache_sampled"):
         if getattr(args, flag, None) is not None:
             fields[flag] = getattr(args, flag)
     for name in getattr(args, "clear", None) or []:
@@ -78,6 +81,8 @@ def _add_key_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expires-at", help="epoch seconds or ISO 8601")
     parser.add_argument("--webhook", dest="alert_webhook_url")
     parser.add_argument("--can-confirm", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--can-self-confirm", action=argparse.BooleanOptionalAction,
+                        default=None, help="may approve tool calls its own agent runs ask for")
     parser.add_argument("--cache-sampled", action=argparse.BooleanOptionalAction, default=None,
                         help="cache answers sampled with temperature > 0")
 

@@ -10,8 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 class _Strict(BaseModel):
     # No NaN or Infinity (Python's JSON parser accepts them): a NaN budget would compare
-    # false with everything and never be exceeded.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # false with everything and never be exceeded. Strict: "12" is not a number of
+    # requests and "yes" not a boolean.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 # Bounds that keep every value storable (SQLite integers are 64-bit) and meaningful.
@@ -19,8 +20,8 @@ MAX_RPM = 10**9
 MAX_TPM = 10**12
 MAX_BUDGET_USD = 10**9
 MAX_EPOCH = 32_503_680_000.0  # year 3000
-NOT_NULL = ("name", "budget_period", "can_confirm", "cache_sampled", "disabled",
-            "route_overrides")
+NOT_NULL = ("name", "budget_period", "can_confirm", "can_self_confirm", "cache_sampled",
+            "disabled", "route_overrides")
 
 
 def _epoch(value: Any) -> float | None:
@@ -50,6 +51,9 @@ class KeyFields(_Strict):
     budget_period: Literal["day", "month"] | None = None
     expires_at: float | str | None = Field(None, description="Epoch seconds or ISO 8601.")
     can_confirm: bool | None = Field(None, description="May approve agent tool calls.")
+    can_self_confirm: bool | None = Field(
+        None, description="May approve tool calls its own agent runs asked for (default: "
+        "only another key with can_confirm may).")
     alert_webhook_url: str | None = Field(None, max_length=2000,
                                           pattern=r"^https?://[^\s]+$")
     cache_sampled: bool | None = Field(

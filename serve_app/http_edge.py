@@ -114,8 +114,9 @@ class RequestEdgeMiddleware:
         gate = EdgeHooks.gate if context.route.startswith(EdgeHooks.gated_prefixes) else None
         address = str((scope.get("client") or ("unknown",))[0])
         api_key = bearer_token(headers.get("authorization"), headers.get("x-api-key"))
+        slot = None
         if gate is not None:
-            wait = gate.retry_after(address, api_key)
+            wait, slot = gate.enter(address, api_key)
             if wait is not None:
                 context.error_code = "too_many_unauthenticated"
                 await self._send_error(send_with_id_raw, ApiError(
@@ -158,11 +159,8 @@ class RequestEdgeMiddleware:
                     code="internal_error"))
         finally:
             if gate is not None:
-                gate.record(address, api_key,
-                            authenticated=context.key_id is not None
-                            or bool(context.extra.get("admin")),
-                            unauthenticated=context.status == 401
-                            or context.error_code == "not_admin")
+                gate.leave(address, api_key, slot, authenticated=context.key_id is not None
+                           or bool(context.extra.get("admin")))
             self._complete(context)
 
     @staticmethod

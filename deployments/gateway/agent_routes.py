@@ -1,6 +1,9 @@
-"""Agent sessions over HTTP. The session belongs to the caller's tenant; its LLM steps run
-through the same routing and accounting path as chat, charged to the key that created it.
-Only keys allowed to confirm (or the admin key) can approve an irreversible tool call."""
+"""Agent sessions over HTTP. A session belongs to the key that created it (in its tenant);
+other keys need a grant from the creator (POST .../grants). Its LLM steps run through the
+same routing and accounting path as chat, each admitted under the key that drives the run
+(its models, limits, budget). Only keys allowed to confirm (or the admin key) can approve
+an irreversible tool call, and not one their own run asked for unless their policy says
+so. Every check is made in the AgentRunner from the principal passed here."""
 from __future__ import annotations
 
 import uuid
@@ -11,6 +14,7 @@ from fastapi.responses import JSONResponse
 
 from deployments.gateway.fastapi_app import api_key_of, app
 from serve_app.errors import ApiError
+from serve_app.http_edge import context_of
 from serve_app.protocol import ChatCompletionRequest
 from serve_app.request_context import RequestContext
 
@@ -22,8 +26,9 @@ class AgentRoutes:
         """The principal; the admin key acts across tenants and may confirm."""
         token = api_key_of(request)
         if token and await self.quota.call("is_admin", token):
-            return {"tenant_id": None, "key_id": "admin", "can_confirm": True}
-        return await self.authenticate(request)
+            context_of(request).extra["admin"] = True
+            return {"tenant_id": None, "key_id": "admin", "can_confirm": True, "admin": True}
+        return _principal(await self.authenticate(request))
 
     async def _json(self, request: Request) -> dict[str, Any]:
         try:
@@ -39,49 +44,48 @@ class AgentRoutes:
     async def agent_create(self, request: Request) -> JSONResponse:
         """Body: {system_prompt?, goal?, tools?: [names], budgets?: {wall_clock_s,
         max_llm_calls, max_tool_calls, max_tokens, max_usd}, model?, metadata?:
-        {collection?}}."""
-        caller = await self.authenticate(request)
+        {collection?}}. The calling key owns the session."""
+        caller = _principal(await self.authenticate(request))
         body = await self._json(request)
-        metadata = dict(body.get("metadata") or {}) if isinstance(body.get("metadata"),
-                                                                  dict) else body.get("metadata")
-        if isinstance(metadata, dict):
-            metadata["billing_key_id"] = caller["key_id"]  # never taken from the client
-            body["metadata"] = metadata
-        elif metadata is None:
-            body["metadata"] = {"billing_key_id": caller["key_id"]}
-        view = await self.agent.call("create_session", body, caller["tenant_id"])
+        view = await self.agent.call("create_session", body, caller["tenant_id"], caller)
         return JSONResponse(view, status_code=201)
 
     @app.post(PREFIX + "/{session_id}/messages")
     async def agent_message(self, session_id: str, request: Request) -> dict[str, Any]:
-        """Runs the loop until the answer, a budget stop or a pending confirmation."""
+        """Runs the loop until the answer, a budget stop or a pending confirmation; its LLM
+        steps are admitted under the calling key (the creator or a key granted drive)."""
         caller = await self._caller(request)
         return await self.agent.call("post_message", session_id, await self._json(request),
-                                     caller["tenant_id"], long=True)
+                                     caller["tenant_id"], caller, long=True)
 
     @app.get(PREFIX + "/{session_id}")
     async def agent_get(self, session_id: str, request: Request) -> dict[str, Any]:
         caller = await self._caller(request)
-        return await self.agent.call("get", session_id, caller["tenant_id"])
+        return await self.agent.call("get", session_id, caller["tenant_id"], caller)
 
     @app.get(PREFIX + "/{session_id}/audit")
     async def agent_audit(self, session_id: str, request: Request) -> dict[str, Any]:
         caller = await self._caller(request)
-        return await self.agent.call("audit", session_id, caller["tenant_id"])
+        return await self.agent.call("audit", session_id, caller["tenant_id"], caller)
 
     @app.post(PREFIX + "/{session_id}/confirmations/{call_id}")
     async def agent_confirm(self, session_id: str, call_id: str,
                             request: Request) -> dict[str, Any]:
         """Body: {"approve": true|false}. Approve runs the call once and resumes."""
         caller = await self._caller(request)
-        return await self.agent.call(
-            "confirm", session_id, call_id, await self._json(request),
-            caller["key_id"], bool(caller.get("can_confirm")), caller["tenant_id"], long=True)
+        return await self.agent.call("confirm_call", session_id, call_id,
+                                     await self._json(request), caller, long=True)
+
+    @app.post(PREFIX + "/{session_id}/grants")
+    async def agent_grant(self, session_id: str, request: Request) -> dict[str, Any]:
+        """Body: {"key_id": "...", "right": "read"|"drive"|null}. Creator or admin only."""
+        caller = await self._caller(request)
+        return await self.agent.call("grant", session_id, await self._json(request), caller)
 
     @app.delete(PREFIX + "/{session_id}")
     async def agent_delete(self, session_id: str, request: Request) -> dict[str, Any]:
         caller = await self._caller(request)
-        return await self.agent.call("delete", session_id, caller["tenant_id"])
+        return await self.agent.call("delete", session_id, caller["tenant_id"], caller)
 
     @app.get("/admin/v1/agent/audit/verify")
     async def agent_verify_audit(self, request: Request) -> dict[str, Any]:
@@ -111,3 +115,11 @@ class AgentRoutes:
         result = dict(outcome.body or {})
         result["usage"] = {**(result.get("usage") or {}), "cost_usd": context.cost_usd}
         return result
+
+
+def _principal(caller: dict[str, Any]) -> dict[str, Any]:
+    """What the AgentRunner needs of an authenticated key, and nothing the client sent."""
+    return {"tenant_id": caller.get("tenant_id"), "key_id": caller.get("key_id"),
+            "can_confirm": bool(caller.get("can_confirm")),
+            "can_self_confirm": bool(caller.get("can_self_confirm")),
+            "admin": bool(caller.get("admin"))}

@@ -49,12 +49,15 @@ MIGRATIONS = [
     """
     ALTER TABLE api_keys ADD COLUMN cache_sampled INTEGER NOT NULL DEFAULT 0
     """,
+    """
+    ALTER TABLE api_keys ADD COLUMN can_self_confirm INTEGER NOT NULL DEFAULT 0
+    """,
 ]
 
 BudgetPeriod = Literal["day", "month"]
 EDITABLE_FIELDS = {"name", "allowed_models", "rpm", "tpm", "budget_usd", "budget_period",
                    "expires_at", "disabled", "can_confirm", "alert_webhook_url",
-                   "route_overrides", "cache_sampled"}
+                   "route_overrides", "cache_sampled", "can_self_confirm"}
 
 
 @dataclass
@@ -70,6 +73,7 @@ class ApiKeyRecord:
     expires_at: float | None = None
     disabled: bool = False
     can_confirm: bool = False
+    can_self_confirm: bool = False  # may approve tool calls its own agent runs asked for
     alert_webhook_url: str | None = None
     route_overrides: dict[str, Any] = field(default_factory=dict)
     cache_sampled: bool = False  # answers sampled with temperature > 0 may be cached
@@ -129,13 +133,14 @@ class AccountStore:
         self.db.execute(
             "INSERT INTO api_keys (key_id, tenant_id, name, key_hash, allowed_models, rpm, tpm,"
             " budget_usd, budget_period, expires_at, disabled, can_confirm, alert_webhook_url,"
-            " route_overrides, cache_sampled, created_at, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " route_overrides, cache_sampled, can_self_confirm, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (record.key_id, tenant_id, record.name, record.key_hash,
              _json_or_none(record.allowed_models), record.rpm, record.tpm, record.budget_usd,
              record.budget_period, record.expires_at, int(record.disabled),
              int(record.can_confirm), record.alert_webhook_url,
-             json.dumps(record.route_overrides), int(record.cache_sampled), now, now))
+             json.dumps(record.route_overrides), int(record.cache_sampled),
+             int(record.can_self_confirm), now, now))
         self.keys[record.key_id] = record
         return record, new
 
@@ -208,13 +213,13 @@ class AccountStore:
             "UPDATE api_keys SET name=?, key_hash=?, previous_hash=?, previous_valid_until=?,"
             " allowed_models=?, rpm=?, tpm=?, budget_usd=?, budget_period=?, expires_at=?,"
             " disabled=?, can_confirm=?, alert_webhook_url=?, route_overrides=?, cache_sampled=?,"
-            " updated_at=? WHERE key_id=?",
+            " can_self_confirm=?, updated_at=? WHERE key_id=?",
             (record.name, record.key_hash, record.previous_hash, record.previous_valid_until,
              _json_or_none(record.allowed_models), record.rpm, record.tpm, record.budget_usd,
              record.budget_period, record.expires_at, int(record.disabled),
              int(record.can_confirm), record.alert_webhook_url,
-             json.dumps(record.route_overrides), int(record.cache_sampled), record.updated_at,
-             record.key_id))
+             json.dumps(record.route_overrides), int(record.cache_sampled),
+             int(record.can_self_confirm), record.updated_at, record.key_id))
 
     def close(self) -> None:
         self.db.close()
@@ -241,7 +246,7 @@ def _validate(record: ApiKeyRecord) -> None:
                                 and math.isfinite(value) and value >= 0),
               f"{name} must be a finite non-negative number or null")
     check(record.budget_period in ("day", "month"), "budget_period must be 'day' or 'month'")
-    for name in ("disabled", "can_confirm", "cache_sampled"):
+    for name in ("disabled", "can_confirm", "cache_sampled", "can_self_confirm"):
         check(isinstance(getattr(record, name), bool), f"{name} must be true or false")
     check(record.allowed_models is None or (isinstance(record.allowed_models, list) and all(
         isinstance(m, str) for m in record.allowed_models)),
@@ -267,4 +272,5 @@ def _record_from_row(row: Any) -> ApiKeyRecord:
         alert_webhook_url=row["alert_webhook_url"],
         route_overrides=json.loads(row["route_overrides"]) if row["route_overrides"] else {},
         cache_sampled=bool(row["cache_sampled"]),
+        can_self_confirm=bool(row["can_self_confirm"]),
         created_at=row["created_at"], updated_at=row["updated_at"])

@@ -5,12 +5,14 @@ Public surface (the AgentRunner deployment and the gateway use these):
 - AgentSettings (config.py): the `agent:` settings block
 - ToolRegistry, Tool, default_registry (tools.py): add tools
 - LLMPort, OpenAICompatibleLLM (llm_port.py): the model the agent talks to
+- Principal (access.py): the key a call acts for (ownership, grants, confirmation policy)
 """
+from serve_app.agent.access import Principal
 from serve_app.agent.config import AgentSettings, BudgetLimits, SandboxSettings
 from serve_app.agent.llm_port import LLMPort, OpenAICompatibleLLM
 from serve_app.agent.runner import AgentService
 from serve_app.agent.tools import Tool, ToolContext, ToolError, ToolRegistry, default_registry
 
 __all__ = ["AgentService", "AgentSettings", "BudgetLimits", "LLMPort", "OpenAICompatibleLLM",
-           "SandboxSettings", "Tool", "ToolContext", "ToolError", "ToolRegistry",
+           "Principal", "SandboxSettings", "Tool", "ToolContext", "ToolError", "ToolRegistry",
            "default_registry"]

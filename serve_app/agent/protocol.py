@@ -3,10 +3,11 @@
     POST /v1/agent/sessions                              CreateSessionRequest
     POST /v1/agent/sessions/{id}/messages                PostMessageRequest
     POST /v1/agent/sessions/{id}/confirmations/{call_id} ConfirmRequest
+    POST /v1/agent/sessions/{id}/grants                  GrantRequest
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -36,6 +37,14 @@ class PostMessageRequest(_Body):
 
 class ConfirmRequest(_Body):
     approve: bool
+
+
+class GrantRequest(_Body):
+    key_id: str = Field(min_length=1, max_length=128, description="A key of the same "
+                        "tenant.")
+    right: Literal["read", "drive"] | None = Field(
+        "drive", description="read: view and audit; drive: also post messages (its steps "
+        "are admitted and billed under that key). null: take every right away.")
 
 
 def parse(model: type[_Body], body: Any) -> _Body:

@@ -4,9 +4,13 @@
 an irreversible tool call waits for a human. Every guardrail lives here, on the server:
 - budgets are checked before each LLM call and each tool call (budgets.py);
 - the same tool with the same arguments asked for `loop_repeat_limit` times stops it;
-- an irreversible tool is never run when asked for: the session pauses with the pending
-  call; `confirm(approve=True)` by a confirmer runs it exactly once, `approve=False` tells
-  the model it was refused; an unanswered call expires;
+- an irreversible call (an irreversible tool, or arguments that make one irreversible:
+  python with write_workspace) is never run when asked for: the session pauses with the
+  pending call; `confirm(approve=True)` by a confirmer runs it exactly once, `approve=False`
+  tells the model it was refused; an unanswered call expires. The confirmer must be
+  allowed to confirm and, by default, be another key than the one that asked (access.py);
+- a session belongs to the key that created it; other keys need a grant; each run's LLM
+  steps are admitted and billed under the key that drives that run;
 - every tool call the model asks for, run or not, is in the audit log, whose `started`
   row is committed before the tool runs.
 
@@ -26,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from serve_app.agent import access
+from serve_app.agent.access import Principal
 from serve_app.agent.audit import AuditLog
 from serve_app.agent.budgets import (Budget, LoopDetector, Prices, Stop, Usage,
                                      clamp_limits, prompt_tokens_upper_bound)
@@ -51,6 +57,7 @@ class _Run:
     budget: Budget
     mark: float
     first_new_message: int
+    driver: str | None = None  # the key whose request runs the loop: its steps, its bill
 
 
 class AgentService:
@@ -83,11 +90,16 @@ class AgentService:
 
     # ================================================================== public API
     async def create_session(self, *, owner: str | None = None,
+                             principal: Principal | None = None,
                              system_prompt: str | None = None, goal: str | None = None,
                              tools: list[str] | None = None,
                              budgets: dict[str, Any] | None = None, model: str | None = None,
                              metadata: dict[str, Any] | None = None) -> dict[str, Any]:
         s = self.settings
+        metadata = dict(metadata or {})
+        if principal is not None:
+            owner = principal.tenant_id
+            metadata.pop("billing_key_id", None)  # who pays is never the client's word
         names = self._tool_names(tools if tools is not None else s.default_tools)
         try:
             limits = clamp_limits(budgets, s.default_budgets, s.max_budgets)
@@ -103,26 +115,27 @@ class AgentService:
             id=f"as_{uuid.uuid4().hex[:24]}", owner=owner, model=model or s.model,
             tools=names, limits=limits.model_dump(), usage=Usage().as_dict(),
             messages=[{"role": "system", "content": prompt}], goal=goal,
-            metadata=dict(metadata or {}))
+            metadata=metadata, creator_key=principal.key_id if principal else None)
         self.sandbox_workspace(session.id)
         self.store.create(session)
         return self._view(session)
 
     async def post_message(self, session_id: str, content: str, *,
-                           owner: str | None = None) -> dict[str, Any]:
+                           owner: str | None = None,
+                           principal: Principal | None = None) -> dict[str, Any]:
         if not isinstance(content, str) or not content.strip():
             raise ApiError(400, "content must be a non-empty string", param="content")
         if len(content) > self.settings.max_message_chars:
             raise ApiError(413, f"content is longer than {self.settings.max_message_chars} "
                            "characters", param="content")
-        async with self._leased(session_id, owner) as session:
+        async with self._leased(session_id, owner, principal, "drive") as session:
             self._expire_if_due(session)
             self._require_open(session)
             if session.status == AWAITING:
                 raise ApiError(409, f"the session waits for confirmation of call "
                                f"{session.pending['call_id']}; approve or deny it first",
                                code="confirmation_pending")
-            run = self._start_run(session)
+            run = self._start_run(session, driver=self._driver(session, principal))
             self._recover(session, run)
             session.messages.append({"role": "user", "content": content})
             session.status = RUNNING
@@ -131,8 +144,9 @@ class AgentService:
             await self._advance(session, run)
             return self._result(session, run)
 
-    async def get(self, session_id: str, *, owner: str | None = None) -> dict[str, Any]:
-        session = self._load_visible(session_id, owner)
+    async def get(self, session_id: str, *, owner: str | None = None,
+                  principal: Principal | None = None) -> dict[str, Any]:
+        session = self._load_visible(session_id, owner, principal, "read")
         if self._pending_expired(session):
             holder = self._holder()
             if self.store.acquire(session_id, holder, 30):
@@ -143,22 +157,38 @@ class AgentService:
                     self.store.release(session_id, holder)
         return self._view(session)
 
-    async def audit(self, session_id: str, *, owner: str | None = None) -> dict[str, Any]:
-        self._load_visible(session_id, owner)
+    async def audit(self, session_id: str, *, owner: str | None = None,
+                    principal: Principal | None = None) -> dict[str, Any]:
+        self._load_visible(session_id, owner, principal, "read")
         return {"object": "list", "session_id": session_id,
                 "data": self.audit_log.calls(session_id),
                 "events": self.audit_log.events(session_id)}
 
-    async def confirm(self, session_id: str, call_id: str, *, approve: bool, confirmer: str,
-                      may_confirm: bool, owner: str | None = None) -> dict[str, Any]:
-        if not may_confirm:
+    async def confirm(self, session_id: str, call_id: str, *, approve: bool,
+                      confirmer: str | None = None, may_confirm: bool = False,
+                      owner: str | None = None, principal: Principal | None = None,
+                      may_self_confirm: bool = False) -> dict[str, Any]:
+        """Approve or deny a pending call. With a principal, its key is the confirmer and
+        its policy decides; without one (internal callers) confirmer/may_confirm do."""
+        if principal is None:
+            # An internal caller: owner None means not scoped to a tenant.
+            principal = Principal(key_id=confirmer or "", tenant_id=owner,
+                                  can_confirm=may_confirm, can_self_confirm=may_self_confirm,
+                                  admin=owner is None)
+        elif not principal.admin:
+            owner = principal.tenant_id
+        if not principal.can_confirm:
             raise ApiError(403, "This API key may not confirm agent actions.",
                            code="confirmation_not_allowed")
-        if not confirmer:
+        if not principal.key_id:
             raise ApiError(400, "confirmer identity is required", param="confirmer")
+        confirmer = principal.key_id
         async with self._leased(session_id, owner) as session:
             self._require_open(session)
             pending = session.pending
+            if pending is not None and pending["call_id"] == call_id:
+                access.may_confirm(session, principal, pending.get("requested_by"),
+                                   allow_self=self.settings.allow_self_confirmation)
             if pending is None or pending["call_id"] != call_id:
                 known = any(c["call_id"] == call_id for c in self.audit_log.calls(session_id))
                 if known:
@@ -169,7 +199,9 @@ class AgentService:
             if self._expire_if_due(session):
                 raise ApiError(409, f"the confirmation of call {call_id} expired; it was not "
                                "executed", code="confirmation_expired")
-            run = self._start_run(session)
+            # The loop goes on as the run that asked for the call: same driving key.
+            run = self._start_run(session, driver=pending.get("requested_by")
+                                  or access.creator_of(session))
             session.pending = None
             session.status = RUNNING
             tool = self.registry.get(pending["tool"])
@@ -190,7 +222,7 @@ class AgentService:
                 self._append_audit(session.id, call_id, pending["step"], "started",
                                    pending["tool"], pending["arguments"],
                                    decision="approved" if approve else "denied",
-                                   confirmer=confirmer)
+                                   confirmer=confirmer, requester=pending.get("requested_by"))
                 self._append_audit(session.id, call_id, pending["step"], "finished",
                                    pending["tool"], pending["arguments"], error=audit_error)
                 self._tool_message(session, call_id, ToolOutcome(error=error))
@@ -199,8 +231,9 @@ class AgentService:
             await self._advance(session, run)
             return self._result(session, run)
 
-    async def delete(self, session_id: str, *, owner: str | None = None) -> dict[str, Any]:
-        async with self._leased(session_id, owner) as session:
+    async def delete(self, session_id: str, *, owner: str | None = None,
+                     principal: Principal | None = None) -> dict[str, Any]:
+        async with self._leased(session_id, owner, principal, "manage") as session:
             if session.status != DELETED:
                 if session.pending:
                     p = session.pending
@@ -217,6 +250,29 @@ class AgentService:
                 self._save(session)
                 self._workspace(session.id).remove_all()
             return self._view(session)
+
+    async def grant(self, session_id: str, key_id: str, right: str | None, *,
+                    principal: Principal | None = None,
+                    owner: str | None = None) -> dict[str, Any]:
+        """Give key_id `right` ("read" | "drive") on the session, or take every right
+        away (right None). Only the creator (or the admin) may."""
+        if right is not None and right not in access.GRANTS:
+            raise ApiError(422, f"right must be one of {', '.join(access.GRANTS)}",
+                           param="right")
+        if not isinstance(key_id, str) or not key_id or len(key_id) > 128:
+            raise ApiError(422, "key_id must be a key id", param="key_id")
+        async with self._leased(session_id, owner, principal, "manage") as session:
+            self._require_open(session)
+            if key_id == access.creator_of(session):
+                raise ApiError(409, "the creator's own access cannot be changed",
+                               code="grant_conflict", param="key_id")
+            if right is None:
+                session.grants.pop(key_id, None)
+            else:
+                session.grants[key_id] = right
+            self._save(session)
+            return {"object": "agent.session.grants", "session_id": session.id,
+                    "creator_key": access.creator_of(session), "grants": dict(session.grants)}
 
     def verify_audit_chain(self) -> dict[str, Any] | None:
         return self.audit_log.verify_chain()
@@ -253,11 +309,11 @@ class AgentService:
             request["tool_choice"] = s.tool_choice
         if session.owner:
             request["user"] = session.owner
-        billing_key = session.metadata.get("billing_key_id")
-        if billing_key:
-            # Whose limits and budget the step is charged to (the gateway's LLM port).
+        if run.driver:
+            # The step is admitted under the key driving this run: its models, limits
+            # and budget (the gateway's LLM port reads billing_key_id).
             request["metadata"] = {"agent_session_id": session.id,
-                                   "billing_key_id": billing_key}
+                                   "billing_key_id": run.driver}
         timeout = max(0.01, min(s.llm_timeout_s, run.budget.remaining_s()))
         session.step += 1
         try:
@@ -332,16 +388,19 @@ class AgentService:
             self._save(session, run)
             return False
         assert tool is not None
-        if tool.irreversible:
+        if tool.needs_confirmation(arguments):
             now = self.clock()
+            what = (f"{tool.name} is irreversible" if tool.irreversible
+                    else f"{tool.name} with these arguments changes the workspace")
             session.pending = {
                 "call_id": call_id, "tool": tool.name, "wire_name": tool.wire_name,
                 "arguments": arguments, "step": step,
-                "reason": f"{tool.name} is irreversible and needs a human's approval",
+                "reason": f"{what} and needs a human's approval",
+                "requested_by": run.driver,
                 "requested_at": now, "expires_at": now + self.settings.confirmation_ttl_s}
             session.status = AWAITING
             self._append_audit(session.id, call_id, step, "requested", tool.name, arguments,
-                               decision="pending")
+                               decision="pending", requester=run.driver)
             self._save(session, run)
             return True
         await self._execute(session, run, tool, call_id, arguments, step=step,
@@ -352,7 +411,7 @@ class AgentService:
                        arguments: dict[str, Any], *, step: int, decision: str,
                        confirmer: str | None) -> None:
         self._append_audit(session.id, call_id, step, "started", tool.name, arguments,
-                           decision=decision, confirmer=confirmer)
+                           decision=decision, confirmer=confirmer, requester=run.driver)
         session.in_flight = {"call_id": call_id, "tool": tool.name, "step": step}
         self._save(session, run)
         self._tick(run)
@@ -361,7 +420,8 @@ class AgentService:
                           settings=self.settings, sandbox=self.sandbox,
                           time_left_s=max(0.1, time_left),
                           retrieve=self._session_retrieve(session),
-                          http_transport=self.http_transport)
+                          http_transport=self.http_transport,
+                          confirmed=decision == "approved")
         started = self.monotonic()
         try:
             outcome = await asyncio.wait_for(self.registry.run(tool, ctx, arguments),
@@ -459,8 +519,10 @@ class AgentService:
         return retrieve
 
     @asynccontextmanager
-    async def _leased(self, session_id: str, owner: str | None) -> AsyncIterator[Session]:
-        session = self._load_visible(session_id, owner)
+    async def _leased(self, session_id: str, owner: str | None,
+                      principal: Principal | None = None,
+                      right: access.Right = "read") -> AsyncIterator[Session]:
+        session = self._load_visible(session_id, owner, principal, right)
         limits = BudgetLimits.model_validate(session.limits)
         holder = self._holder()
         ttl = limits.wall_clock_s + self.settings.lease_margin_s + self.settings.sandbox.wall_seconds
@@ -470,6 +532,7 @@ class AgentService:
         try:
             fresh = self.store.load(session_id)
             assert fresh is not None
+            access.require(fresh, principal, right)  # a grant may have changed meanwhile
             yield fresh
         except SessionConflict as exc:
             raise ApiError(409, "the session was changed by another request; retry",
@@ -477,21 +540,29 @@ class AgentService:
         finally:
             self.store.release(session_id, holder)
 
-    def _load_visible(self, session_id: str, owner: str | None) -> Session:
+    def _load_visible(self, session_id: str, owner: str | None,
+                      principal: Principal | None = None,
+                      right: access.Right = "read") -> Session:
         session = self.store.load(session_id)
+        if principal is not None and not principal.admin:
+            owner = principal.tenant_id
         if session is None or (owner is not None and session.owner != owner):
-            raise ApiError(404, f"no agent session {session_id!r}", code="session_not_found",
-                           param="session_id")
+            raise access.not_found(session_id)
+        access.require(session, principal, right)
         return session
+
+    @staticmethod
+    def _driver(session: Session, principal: Principal | None) -> str | None:
+        return principal.key_id if principal is not None else access.creator_of(session)
 
     def _holder(self) -> str:
         return f"{self.replica_id}:{uuid.uuid4().hex[:12]}"
 
-    def _start_run(self, session: Session) -> _Run:
+    def _start_run(self, session: Session, driver: str | None = None) -> _Run:
         budget = Budget(BudgetLimits.model_validate(session.limits),
                         Usage.from_dict(session.usage))
         return _Run(budget=budget, mark=self.monotonic(),
-                    first_new_message=len(session.messages))
+                    first_new_message=len(session.messages), driver=driver)
 
     def _tick(self, run: _Run) -> None:
         now = self.monotonic()
@@ -530,12 +601,11 @@ class AgentService:
         return resolved
 
     def _workspace(self, session_id: str) -> Workspace:
-        owner = self.sandbox.uid_for(session_id) if self.sandbox.privileged else None
-        return Workspace(self.workspace_root / session_id, owner_uid=owner)
+        return Workspace(self.workspace_root / session_id)
 
     def sandbox_workspace(self, session_id: str) -> Path:
         path = self.workspace_root / session_id
-        self.sandbox.prepare_workspace(path, session_id)
+        self.sandbox.prepare_workspace(path)
         return path
 
     def _tool_message(self, session: Session, call_id: str, outcome: ToolOutcome) -> None:
@@ -568,18 +638,22 @@ class AgentService:
             p = session.pending
             pending = {k: p[k] for k in ("call_id", "tool", "wire_name", "arguments", "reason",
                                          "step", "requested_at", "expires_at")}
+            pending["requested_by"] = p.get("requested_by")
         tools = []
         for name in session.tools:
             tool = self.registry.get(name)
             if tool is not None:
                 tools.append({"name": tool.name, "wire_name": tool.wire_name,
-                              "irreversible": tool.irreversible})
+                              "irreversible": tool.irreversible,
+                              "confirmation": "always" if tool.irreversible else (
+                                  "for some arguments" if tool.irreversible_if else "never")})
         return {"id": session.id, "object": "agent.session", "status": session.status,
                 "stop": session.stop, "model": session.model, "goal": session.goal,
                 "tools": tools, "budgets": limits.model_dump(), "usage": usage.as_dict(),
                 "remaining": remaining, "pending_confirmation": pending,
                 "step": session.step, "last_error": session.last_error,
                 "messages": session.messages, "metadata": session.metadata,
+                "creator_key": access.creator_of(session), "grants": dict(session.grants),
                 "created_at": session.created_at, "updated_at": session.updated_at}
 
     def _result(self, session: Session, run: _Run) -> dict[str, Any]:

@@ -27,8 +27,11 @@ def main() -> None:
     if not result.ok or not result.stdout.startswith("isolated"):
         print(f"sandbox check failed: {result.as_dict()}", file=sys.stderr)
         raise SystemExit(1)
+    limits = sandbox.limits
     print(f"sandbox ok: bwrap={sandbox.bwrap} privileged={sandbox.privileged} "
-          f"tmpfs_size={sandbox.supports_tmpfs_size} {result.stdout.strip()}")
+          f"tmpfs_size={sandbox.supports_tmpfs_size} run_limits={limits.backend}"
+          + (f" (fallback: {limits.reason})" if limits.reason else "")
+          + f" {result.stdout.strip()}")
 
 
 if __name__ == "__main__":

@@ -71,6 +71,10 @@ class Session:
     last_error: str | None = None
     goal: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    # The key that created the session (it owns it) and the other keys it let in:
+    # key id -> "read" | "drive" (access.py).
+    creator_key: str | None = None
+    grants: dict[str, str] = field(default_factory=dict)
     created_at: float = 0.0
     updated_at: float = 0.0
     version: int = 0

@@ -27,8 +27,9 @@ from urllib.parse import urlsplit
 
 import jsonschema
 
+from serve_app.agent import workspace_fs as wfs
 from serve_app.agent.config import AgentSettings
-from serve_app.agent.sandbox import Sandbox, SandboxUnavailable
+from serve_app.agent.sandbox import Sandbox, SandboxUnavailable, WorkspaceQuotaExceeded
 
 _WIRE_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _VALIDATOR = jsonschema.Draft202012Validator
@@ -52,6 +53,8 @@ class ToolContext:
     time_left_s: float
     retrieve: RetrieveFn | None = None
     http_transport: Any = None  # httpx transport override (tests); None: the network
+    # True only when a human approved this very call: irreversible effects need it.
+    confirmed: bool = False
 
 
 ToolFn = Callable[[ToolContext, dict[str, Any]], Awaitable[Any]]
@@ -64,6 +67,14 @@ class Tool:
     parameters: dict[str, Any]
     run: ToolFn
     irreversible: bool = False
+    # Arguments that make an otherwise reversible call irreversible (python write=true).
+    irreversible_if: Callable[[dict[str, Any]], bool] | None = None
+
+    def needs_confirmation(self, arguments: Any) -> bool:
+        if self.irreversible:
+            return True
+        return bool(self.irreversible_if and isinstance(arguments, dict)
+                    and self.irreversible_if(arguments))
 
     @property
     def wire_name(self) -> str:
@@ -128,12 +139,23 @@ class ToolRegistry:
         return f"invalid arguments for {tool.wire_name} at {where}: {first.message}"
 
     async def run(self, tool: Tool, ctx: ToolContext, arguments: dict[str, Any]) -> ToolOutcome:
+        if tool.needs_confirmation(arguments) and not ctx.confirmed:
+            # The runner pauses such calls for a human; this is the second lock.
+            return ToolOutcome(error=f"{tool.wire_name} with these arguments needs a "
+                               "human's confirmation; it was not executed")
         try:
             result = await tool.run(ctx, arguments)
         except ToolError as error:
             return ToolOutcome(error=str(error))
         except SandboxUnavailable as error:
             return ToolOutcome(error=f"the sandbox is unavailable: {error}")
+        except (WorkspaceQuotaExceeded, wfs.QuotaExceeded) as error:
+            return ToolOutcome(error=f"disk quota exceeded: {error}")
+        except wfs.FileOpTimeout as error:
+            return ToolOutcome(error=f"{tool.wire_name} timed out: {error}")
+        except wfs.NotRegularFile:
+            return ToolOutcome(error=f"{tool.wire_name}: only regular files and "
+                               "directories are allowed")
         except Exception as error:  # a tool bug must not end the session with a trace
             return ToolOutcome(error=f"{tool.wire_name} failed: {type(error).__name__}: {error}")
         if isinstance(result, ToolOutcome):
@@ -143,11 +165,12 @@ class ToolRegistry:
 
 # ----------------------------------------------------------------------------- workspace
 class Workspace:
-    """A session's directory; every path is resolved (symlinks too) and must stay inside."""
+    """A session's directory; every path is resolved (symlinks too) and must stay inside.
+    Files belong to the service: sandboxed runs see the directory read-only or through a
+    copy (sandbox.py), never as its owner."""
 
-    def __init__(self, root: Path, owner_uid: int | None = None) -> None:
+    def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.owner_uid = owner_uid
 
     def path(self, relative: str) -> Path:
         if "\x00" in relative:
@@ -167,35 +190,45 @@ class Workspace:
         relative = path.relative_to(self.root.resolve())
         return str(relative) if str(relative) != "." else "."
 
-    def own(self, path: Path) -> None:
-        """Created files belong to the sandbox uid, so code run later may change them."""
-        if self.owner_uid is not None and os.geteuid() == 0:
-            os.chown(path, self.owner_uid, self.owner_uid)
-
     def remove_all(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- tools
 async def run_python(ctx: ToolContext, args: dict[str, Any]) -> ToolOutcome:
+    write = bool(args.get("write_workspace"))
     result = await ctx.sandbox.run_python(args["code"], ctx.workspace.root, ctx.session_id,
-                                          wall_seconds=ctx.time_left_s)
+                                          wall_seconds=ctx.time_left_s,
+                                          write=write and ctx.confirmed)
     data = result.as_dict()
     if result.ok:
         return ToolOutcome(result=data)
-    reason = (f"killed: {result.killed}" if result.killed
-              else f"exit code {result.exit_code}")
+    reason = (result.error or (f"killed: {result.killed}" if result.killed
+                               else f"exit code {result.exit_code}"))
     return ToolOutcome(result=data, error=f"the program failed ({reason})")
+
+
+def _io(ctx: ToolContext, fn: Any) -> Any:
+    """File I/O off the event loop, with the configured timeout."""
+    return wfs.run_blocking(fn, ctx.settings.file_op_timeout_s)
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return path.lstat()
+    except FileNotFoundError:
+        return None
 
 
 async def files_read(ctx: ToolContext, args: dict[str, Any]) -> dict[str, Any]:
     path = ctx.workspace.path(args["path"])
-    if not path.is_file():
-        raise ToolError(f"{args['path']!r} is not a file in the workspace")
     limit = min(args.get("max_bytes") or ctx.settings.max_file_bytes,
                 ctx.settings.max_file_bytes)
-    with path.open("rb") as handle:
-        data = handle.read(limit + 1)
+    try:
+        data = await _io(ctx, lambda: wfs.read_regular(path, limit))
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, wfs.NotRegularFile) \
+            as exc:
+        raise ToolError(f"{args['path']!r} is not a file in the workspace") from exc
     return {"path": ctx.workspace.display(path),
             "content": data[:limit].decode("utf-8", errors="replace"),
             "truncated": len(data) > limit}
@@ -203,15 +236,14 @@ async def files_read(ctx: ToolContext, args: dict[str, Any]) -> dict[str, Any]:
 
 async def files_list(ctx: ToolContext, args: dict[str, Any]) -> dict[str, Any]:
     path = ctx.workspace.path(args.get("path") or ".")
-    if not path.is_dir():
+    info = await _io(ctx, lambda: _stat(path))
+    if info is None or wfs.kind(info.st_mode) != "dir":
         raise ToolError(f"{args.get('path')!r} is not a directory in the workspace")
-    entries = []
-    for entry in sorted(path.iterdir())[:1000]:
-        kind = "dir" if entry.is_dir() and not entry.is_symlink() else (
-            "file" if entry.is_file() and not entry.is_symlink() else "other")
-        entries.append({"name": entry.name, "type": kind,
-                        "size": entry.lstat().st_size if kind == "file" else None})
-    return {"path": ctx.workspace.display(path), "entries": entries}
+    listing = await _io(ctx, lambda: wfs.list_dir(path, ctx.settings.max_list_entries))
+    result: dict[str, Any] = {"path": ctx.workspace.display(path), "entries": listing.entries}
+    if listing.truncated:
+        result["truncated"] = True
+    return result
 
 
 async def files_write(ctx: ToolContext, args: dict[str, Any]) -> dict[str, Any]:
@@ -220,19 +252,33 @@ async def files_write(ctx: ToolContext, args: dict[str, Any]) -> dict[str, Any]:
     if len(data) > ctx.settings.max_file_bytes:
         raise ToolError(f"content is {len(data)} bytes; the limit is "
                         f"{ctx.settings.max_file_bytes}")
-    if path == ctx.workspace.root.resolve() or path.is_dir():
+    if path == ctx.workspace.root.resolve():
         raise ToolError(f"{args['path']!r} is a directory")
-    created = []
-    parent = path.parent
-    while not parent.exists():
-        created.append(parent)
-        parent = parent.parent
-    for directory in reversed(created):
-        directory.mkdir()
-        ctx.workspace.own(directory)
-    with path.open("ab" if args.get("append") else "wb") as handle:
-        handle.write(data)
-    ctx.workspace.own(path)
+    root = ctx.workspace.root.resolve()
+    quota = ctx.sandbox.quota_bytes
+
+    def write() -> None:
+        info = _stat(path)
+        if info is not None and wfs.kind(info.st_mode) != "file":
+            raise ToolError(f"{args['path']!r} is not a regular file")
+        usage = ctx.sandbox.usage(root)
+        replaced = 0 if info is None or args.get("append") else info.st_size
+        new_dirs = []
+        parent = path.parent
+        while not parent.exists():
+            new_dirs.append(parent)
+            parent = parent.parent
+        if usage.over or usage.entries + len(new_dirs) + (info is None) \
+                > ctx.sandbox.settings.workspace_max_entries:
+            raise wfs.QuotaExceeded("the workspace holds too many files")
+        if usage.bytes - replaced + len(data) > quota:
+            raise wfs.QuotaExceeded(f"writing {len(data)} bytes would pass the session's "
+                                    f"workspace quota of {quota // (1024 * 1024)} MB")
+        for directory in reversed(new_dirs):
+            directory.mkdir(mode=0o755)
+        wfs.write_regular(path, data, append=bool(args.get("append")))
+
+    await _io(ctx, write)
     return {"path": ctx.workspace.display(path), "bytes_written": len(data)}
 
 
@@ -240,14 +286,19 @@ async def files_delete(ctx: ToolContext, args: dict[str, Any]) -> dict[str, Any]
     path = ctx.workspace.path(args["path"])
     if path == ctx.workspace.root.resolve():
         raise ToolError("the workspace itself cannot be deleted")
-    if path.is_dir():
-        if not args.get("recursive"):
-            raise ToolError(f"{args['path']!r} is a directory; pass recursive=true")
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-    else:
-        raise ToolError(f"{args['path']!r} does not exist")
+
+    def delete() -> None:
+        info = _stat(path)
+        if info is None:
+            raise ToolError(f"{args['path']!r} does not exist")
+        if wfs.kind(info.st_mode) == "dir":
+            if not args.get("recursive"):
+                raise ToolError(f"{args['path']!r} is a directory; pass recursive=true")
+            shutil.rmtree(path)
+        else:  # files, and FIFOs or sockets left behind: unlink never opens them
+            path.unlink()
+
+    await _io(ctx, delete)
     return {"path": args["path"], "deleted": True}
 
 
@@ -335,11 +386,15 @@ def default_registry() -> ToolRegistry:
     registry = ToolRegistry()
     registry.register(Tool(
         "python", "Run Python 3 code (standard library only) in an isolated sandbox without "
-        "network; the working directory is the session workspace. Returns exit code, "
-        "stdout and stderr.",
-        {"type": "object", "properties": {"code": {"type": "string", "minLength": 1,
-                                                   "maxLength": 100_000}},
-         "required": ["code"], "additionalProperties": False}, run_python))
+        "network; the working directory is the session workspace, READ-ONLY unless "
+        "write_workspace is true (that needs a human's approval). /tmp is scratch space. "
+        "Returns exit code, stdout and stderr.",
+        {"type": "object", "properties": {
+            "code": {"type": "string", "minLength": 1, "maxLength": 100_000},
+            "write_workspace": {"type": "boolean", "description": "Keep the files the "
+                                "code writes in /workspace (needs approval)."}},
+         "required": ["code"], "additionalProperties": False}, run_python,
+        irreversible_if=lambda args: bool(args.get("write_workspace"))))
     registry.register(Tool(
         "files.read", "Read a text file from the session workspace.",
         {"type": "object", "properties": {"path": _PATH, "max_bytes": {

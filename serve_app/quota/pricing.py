@@ -1,4 +1,4 @@
-"""Token prices and request cost estimates (pure)."""
+"""Token prices (pure). Counting what a request sends is serve_app.llm.token_count."""
 from __future__ import annotations
 
 from pydantic import BaseModel, Field
@@ -11,8 +11,3 @@ class Price(BaseModel):
     def cost(self, tokens_in: int, tokens_out: int) -> float:
         return (tokens_in * self.input_per_mtok + tokens_out * self.output_per_mtok) / 1e6
 
-
-def estimate_prompt_tokens(texts: list[str]) -> int:
-    """A deliberately generous estimate (about 3 characters per token plus per-message
-    framing), used only to reserve; settlement uses the model's real count."""
-    return sum(len(text) // 3 + 8 for text in texts) + 4

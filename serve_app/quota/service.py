@@ -281,13 +281,15 @@ class QuotaService:
 
 def _principal(record: ApiKeyRecord) -> dict[str, Any]:
     return {"tenant_id": record.tenant_id, "key_id": record.key_id,
-            "can_confirm": record.can_confirm, "route_overrides": record.route_overrides,
+            "can_confirm": record.can_confirm, "can_self_confirm": record.can_self_confirm,
+            "route_overrides": record.route_overrides,
             "cache_sampled": record.cache_sampled, "allowed_models": record.allowed_models}
 
 
 def _anonymous() -> dict[str, Any]:
     return {"tenant_id": ANONYMOUS, "key_id": ANONYMOUS, "can_confirm": False,
-            "route_overrides": {}, "cache_sampled": False, "allowed_models": None}
+            "can_self_confirm": False, "route_overrides": {}, "cache_sampled": False,
+            "allowed_models": None}
 
 
 def _rate_limited(limit: str, wait: float, record: ApiKeyRecord, tokens: int) -> ApiError:

@@ -33,6 +33,7 @@ def stack(cluster, tmp_path_factory, scripted):
         "agent": {"model": "scripted-model", "default_tools": TOOLS, "llm_max_tokens": 128,
                   "sandbox": {"wall_seconds": 20}}})
     cluster.keys = {"user": create_key(cluster.base_url, tenant="agents"),
+                    "colleague": create_key(cluster.base_url, tenant="agents"),
                     "operator": create_key(cluster.base_url, tenant="agents", can_confirm=True),
                     "stranger": create_key(cluster.base_url, tenant="others")}
     return cluster
@@ -122,6 +123,26 @@ def test_sessions_belong_to_their_tenant(stack, scripted):
         assert client.delete(f"/v1/agent/sessions/{session['id']}").status_code == 404
     with http(stack) as client:
         assert client.delete(f"/v1/agent/sessions/{session['id']}").json()["status"] == "deleted"
+
+
+def test_sessions_belong_to_their_key_and_steps_bill_the_driver(stack, scripted):
+    session = new_session(stack)
+    scripted.script(answer("not for you"))
+    assert say(stack, session["id"], "hi", who="colleague").status_code == 403
+    with http(stack, "colleague") as client:
+        assert client.get(f"/v1/agent/sessions/{session['id']}").status_code == 403
+    with http(stack) as client:
+        granted = client.post(f"/v1/agent/sessions/{session['id']}/grants",
+                              json={"key_id": stack.keys["colleague"]["key_id"],
+                                    "right": "drive"})
+    assert granted.status_code == 200, granted.text
+    scripted.script(answer("Hello colleague."))
+    assert say(stack, session["id"], "hi", who="colleague").json()["answer"] == \
+        "Hello colleague."
+    with admin_client(stack.base_url) as admin:
+        rows = admin.get("/admin/v1/usage/requests", params={
+            "key_id": stack.keys["colleague"]["key_id"]}).json()["data"]
+    assert [r for r in rows if r["route"] == "/v1/agent/llm"]
 
 
 def test_llm_steps_go_through_routing_and_the_ledger(stack, scripted):

@@ -58,7 +58,7 @@ def test_paraphrase_hits_with_zero_usage_and_the_ledger_records_the_saving(stack
                                      "total_tokens": 0}
     assert again.headers["x-model"] == MODEL
     with admin_client(stack.base_url) as admin:
-        row = admin.get(f"/admin/v1/usage/requests/{again.headers['x-request-id']}").json()
+        row = admin.get(f"/admin/v1/usage/requests/{again.headers['x-llmstack-request-id']}").json()
     usage = first.json()["usage"]
     expected = (usage["prompt_tokens"] * PRICE["input_per_mtok"]
                 + usage["completion_tokens"] * PRICE["output_per_mtok"]) / 1e6

@@ -15,7 +15,6 @@ import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from serve_app.quota.pricing import estimate_prompt_tokens
 from tests.support.keys import TEST_ADMIN_KEY, admin_client, create_key
 from tests.support.webhook import WebhookRecorder
 
@@ -124,8 +123,22 @@ def test_rpm_holds_exactly_across_two_gateway_replicas_and_refills(stack):
     assert statuses(asyncio.run(burst(stack, key, 1, max_tokens=1))) == [200]
 
 
+_PROMPT_TOKENS: list[int] = []
+
+
+def prompt_tokens(stack) -> int:
+    """What the gateway reserves for HI's prompt: the local model's exact count (the
+    chat template included), which is also what the engine reports."""
+    if not _PROMPT_TOKENS:
+        key = create_key(stack.base_url, tenant="probe")["key"]
+        reply = client_for(stack, key).chat.completions.create(model=MODEL, messages=HI,
+                                                               max_tokens=1)
+        _PROMPT_TOKENS.append(reply.usage.prompt_tokens)
+    return _PROMPT_TOKENS[0]
+
+
 def test_tpm_holds_exactly_with_concurrent_requests(stack):
-    per_request = estimate_prompt_tokens([HI[0]["content"]]) + 20
+    per_request = prompt_tokens(stack) + 20
     key = create_key(stack.base_url, tpm=per_request * 3)["key"]
     results = asyncio.run(burst(stack, key, 8, max_tokens=20))
     codes = statuses(results)
@@ -142,7 +155,7 @@ def _budget(stack, key_id: str) -> dict:
 def test_budget_reserves_worst_case_then_refunds_on_settlement(stack):
     created = create_key(stack.base_url, budget_usd=0.2, budget_period="day")
     client = client_for(stack, created["key"])
-    prompt = estimate_prompt_tokens([HI[0]["content"]])
+    prompt = prompt_tokens(stack)
     too_big = int(0.2 / PRICE_PER_TOKEN) - prompt + 5  # worst case just over the budget
     with pytest.raises(openai.RateLimitError) as caught:
         client.chat.completions.create(model=MODEL, messages=HI, max_tokens=too_big)
@@ -158,7 +171,7 @@ def test_budget_reserves_worst_case_then_refunds_on_settlement(stack):
 
 def test_concurrent_requests_cannot_jointly_overspend(stack):
     created = create_key(stack.base_url, budget_usd=0.15, budget_period="month")
-    worst = (estimate_prompt_tokens([HI[0]["content"]]) + 40) * PRICE_PER_TOKEN
+    worst = (prompt_tokens(stack) + 40) * PRICE_PER_TOKEN
     results = asyncio.run(burst(stack, created["key"], 10, max_tokens=40))
     codes = statuses(results)
     assert codes.count(200) == int(0.15 // worst), codes
@@ -221,7 +234,7 @@ def test_every_200_has_a_ledger_row_even_when_quota_is_killed_mid_load(stack):
             return results[:-1]
 
     results = asyncio.run(load())
-    ok_ids = [r.http_response.headers["x-request-id"] for r in results
+    ok_ids = [r.http_response.headers["x-llmstack-request-id"] for r in results
               if not isinstance(r, openai.APIStatusError)]
     assert len(ok_ids) >= 5
     assert set(statuses(results)) <= {200, 503}

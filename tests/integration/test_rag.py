@@ -111,7 +111,7 @@ def test_chat_with_rag_returns_sources_in_body_headers_and_ledger(stack):
     assert "25 days" in body["sources"][0]["snippet"]
     assert response.headers["x-rag-sources"].startswith("1=handbook@1#")
     with admin_client(stack.base_url) as admin:
-        row = admin.get(f"/admin/v1/usage/requests/{response.headers['x-request-id']}").json()
+        row = admin.get(f"/admin/v1/usage/requests/{response.headers['x-llmstack-request-id']}").json()
     assert any(ref.startswith("doc:alpha/handbook/handbook@1#") for ref in row["sources"])
 
 

@@ -188,7 +188,7 @@ def test_usage_and_cost_are_recorded_for_the_target_that_answered(stack, provide
     response = chat(stack, HARD, model="large")
     usage = response.json()["usage"]
     with admin_client(stack.base_url) as admin:
-        row = admin.get(f"/admin/v1/usage/requests/{response.headers['x-request-id']}").json()
+        row = admin.get(f"/admin/v1/usage/requests/{response.headers['x-llmstack-request-id']}").json()
     assert row["model"] == MINI and row["tier"] == "large"
     assert row["fallback"].startswith("fake-frontier:")
     expected = (usage["prompt_tokens"] * MINI_PRICE[0]

@@ -239,7 +239,9 @@ def test_request_id_is_echoed_and_logged(stack, http):
     response = http.post("/v1/chat/completions", headers={"x-request-id": request_id},
                          json={"model": MODEL, "messages": QUESTION, "max_tokens": 4})
     assert response.status_code == 200
-    assert response.headers["x-request-id"] == request_id
+    assert response.headers["x-request-id"] == request_id  # the caller's, for correlation
+    server_id = response.headers["x-llmstack-request-id"]  # ours: the row's key
+    assert server_id and server_id != request_id
     log_file = stack.data_dir / "logs" / "requests.jsonl"
     deadline = time.monotonic() + 10
     record = None
@@ -247,10 +249,10 @@ def test_request_id_is_echoed_and_logged(stack, http):
         if log_file.exists():
             for line in log_file.read_text().splitlines():
                 entry = json.loads(line)
-                if entry["request_id"] == request_id:
+                if entry.get("client_request_id") == request_id:
                     record = entry
         time.sleep(0.2)
-    assert record is not None
+    assert record is not None and record["request_id"] == server_id
     assert record["status"] == 200 and record["model"] == MODEL
     assert record["tokens_in"] > 0 and record["tokens_out"] > 0
     assert record["route"] == "/v1/chat/completions" and record["latency_ms"] > 0

@@ -81,7 +81,7 @@ def test_store_survives_reopen_with_migrations_applied_once(tmp_path):
     assert again.route_overrides == {"large_max_share": 0.1}
     assert again.allows_model("m1") and not again.allows_model("m2")
     versions = [r[0] for r in reopened.db.execute("SELECT version FROM schema_version")]
-    assert versions == [1, 2, 3]
+    assert versions == [1, 2, 3, 4]
 
 
 def test_unknown_fields_are_refused(tmp_path):

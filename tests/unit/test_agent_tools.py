@@ -13,12 +13,15 @@ from serve_app.agent.tools import (Tool, ToolContext, ToolError, ToolRegistry, W
 from tests.support.agent_env import settings
 
 
-def context(tmp_path: Path, **overrides) -> ToolContext:
+def context(tmp_path: Path, confirmed: bool = True, **overrides) -> ToolContext:
+    """A tool context; confirmed=True: as if a human approved the call (the runner's
+    pause for irreversible calls is tested in test_agent_confirmation.py)."""
     agent_settings = settings(**overrides)
     root = tmp_path / "ws"
     root.mkdir(exist_ok=True)
     return ToolContext(session_id="s", workspace=Workspace(root), settings=agent_settings,
-                       sandbox=Sandbox(agent_settings.sandbox), time_left_s=30)
+                       sandbox=Sandbox(agent_settings.sandbox), time_left_s=30,
+                       confirmed=confirmed)
 
 
 def test_wire_names_are_valid_openai_function_names_and_map_back():
@@ -168,11 +171,18 @@ async def test_a_crashing_tool_is_an_error_message_not_an_exception(tmp_path):
     assert not outcome.ok and "kaput" in outcome.error
 
 
-def test_workspace_files_belong_to_the_sandbox_user(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("ownership is only changed when running as root")
-    workspace = Workspace(tmp_path, owner_uid=234567)
-    path = tmp_path / "f"
-    path.write_text("x")
-    workspace.own(path)
-    assert path.stat().st_uid == 234567
+async def test_unconfirmed_irreversible_calls_are_refused_by_the_registry(tmp_path):
+    """The second lock behind the runner's pause: without ctx.confirmed nothing
+    irreversible runs, whatever path the call took."""
+    registry = default_registry()
+    ctx = context(tmp_path, confirmed=False)
+    (ctx.workspace.root / "keep.txt").write_text("keep")
+    for name, arguments in (("files.write", {"path": "a.txt", "content": "x"}),
+                            ("files.delete", {"path": "keep.txt"}),
+                            ("python", {"code": "open('b.txt', 'w')",
+                                        "write_workspace": True})):
+        outcome = await registry.run(registry.get(name), ctx, arguments)
+        assert not outcome.ok and "confirmation" in outcome.error, name
+    assert sorted(p.name for p in ctx.workspace.root.iterdir()) == ["keep.txt"]
+    assert registry.get("python").needs_confirmation({"code": "1", "write_workspace": True})
+    assert not registry.get("python").needs_confirmation({"code": "1"})
