@@ -1,6 +1,7 @@
 """Retriever: document ingestion and hybrid search over LanceDB. A thin shell over
 serve_app.rag.store.DocumentStore, which owns the tables; this class adds the Embedder
-handle, error payloads and the background compaction/indexing task.
+handle, error payloads, the background compaction/indexing task and the worker processes
+that parse uploads (a document gets `rag.parse_timeout_s`; no upload blocks this replica).
 
 Run one replica: writes are serialised inside a replica (versions are assigned under a
 lock); more replicas would race on versions of the same document.
@@ -16,6 +17,7 @@ from ray import serve
 
 from serve_app.errors import ApiError, is_error_payload
 from serve_app.handles import LazyHandle
+from serve_app.rag import parsing
 from serve_app.rag.config import RagSettings
 from serve_app.rag.store import DocumentStore
 from serve_app.settings import resolve_data_dir
@@ -31,6 +33,10 @@ class Retriever:
         self.settings = RagSettings.model_validate(settings.get("rag") or {})
         uri = self.settings.uri or str(resolve_data_dir(settings.get("data_dir", "var")) / "rag")
         self.embedder = embedder or LazyHandle("Embedder", settings.get("models_app", "models"))
+        # DocumentStore parses in a thread; the pool moves that work into processes.
+        self.parser = parsing.ParserPool(self.settings.parse_workers,
+                                         self.settings.parse_timeout_s)
+        parsing.parse_in_processes(self.parser)
         self.store = await DocumentStore.open(uri, self.settings, self._embed)
         self._maintenance: asyncio.Task[None] | None = None
         self._start_maintenance()
@@ -97,6 +103,10 @@ class Retriever:
                     log.info("rag maintenance: %s", report)
             except Exception:  # keep serving; try again next period
                 log.exception("rag maintenance failed")
+
+    def __del__(self) -> None:
+        parsing.parse_in_processes(None)
+        self.parser.close()
 
     async def check_health(self) -> None:
         if self._maintenance is not None and self._maintenance.done():

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 import secrets
 from dataclasses import dataclass
 
+from serve_app import textmatch
+
 KEY_PREFIX = "sk-"
-_KEY_RE = re.compile(r"^sk-([A-Za-z0-9]{12})_([A-Za-z0-9_-]{32,128})$")
+_KEY_RE = textmatch.compile(  # a client header
+    r"^sk-([A-Za-z0-9]{12})_([A-Za-z0-9_-]{32,128})$")
 
 
 @dataclass(frozen=True)

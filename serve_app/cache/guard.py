@@ -23,25 +23,28 @@ that changes the answer:
                     swap sides of from/to/into/than ("flights from Paris to London" vs
                     "London to Paris flights", "is X faster than Y" vs "is Y faster than X")
 
-Pure functions over regexes and small word lists: a check takes microseconds, and the
-analysis of a text is memoised because cached prompts recur.
+Pure functions over linear-time patterns (serve_app.textmatch) and small word lists: a
+check takes microseconds, and the analysis of a text is memoised because cached prompts
+recur.
 """
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
+from serve_app import textmatch
+
 CHECKS = ("negation", "numbers", "entities", "question_type", "contrast", "word_order")
 
-_TOKEN = re.compile(r"[A-Za-z0-9_]+(?:['’][A-Za-z]+)?")
-_NUMBER = re.compile(r"\d+(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?")
-_CODE_SPAN = re.compile(r"`([^`]+)`")
+# Linear-time patterns (serve_app.textmatch): the texts are prompts.
+_TOKEN = textmatch.compile(r"[A-Za-z0-9_]+(?:['’][A-Za-z]+)?")
+_NUMBER = textmatch.compile(r"\d+(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?")
+_CODE_SPAN = textmatch.compile(r"`([^`]+)`")
 _SENTENCE_BREAK = set(".!?:;\"\n(“[")
-_DOTTED_ACRONYM = re.compile(r"\b(?:[A-Z]\.){2,}")
-_ANSWER_NO = re.compile(r"\s*no\s*[,.;!]", re.IGNORECASE)
+_DOTTED_ACRONYM = textmatch.compile(r"\b(?:[A-Z]\.){2,}")
+_ANSWER_NO = textmatch.compile(r"\s*no\s*[,.;!]", ignore_case=True)
 _NOT_NAMES = frozenset({"I", "I'm", "I've", "I'd", "I'll", "OK"})
 
 _NEGATIONS = frozenset({

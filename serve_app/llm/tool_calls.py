@@ -8,18 +8,19 @@ result is returned in OpenAI's shape (`message.tool_calls`, finish_reason `tool_
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from serve_app import textmatch
 from serve_app.errors import ApiError
 from serve_app.protocol import ChatCompletionRequest
 
 # A small model asked for calls tends to repeat them until max_tokens cuts the JSON off
 # (measured on BFCL: 110 of 200 answers); a cap on the array stops that.
 MAX_CALLS = 4
-_CALLS_START = re.compile(r'\s*\{\s*"tool_calls"\s*:\s*\[')
+# Model output is untrusted text too: linear-time matching (serve_app.textmatch).
+_CALLS_START = textmatch.compile(r'\s*\{\s*"tool_calls"\s*:\s*\[')
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ class ToolCallFormat:
         known = {f["name"] for f in self.tools}
         try:
             data = json.loads(text)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # deep nesting: not JSON we can use
             # Only a truncated answer (max_tokens) can fail: structured output holds otherwise.
             calls = _complete_calls_prefix(text, known)
             if calls:
@@ -154,7 +155,7 @@ def _complete_calls_prefix(text: str, known: set[str]) -> list[dict[str, Any]]:
             position += 1
         try:
             item, position = decoder.raw_decode(text, position)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return calls
         if isinstance(item, dict) and item.get("name") in known:
             calls.append(item)

@@ -8,21 +8,23 @@ without needing the embedding model's tokenizer.
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import groupby
 
+from serve_app import textmatch
 from serve_app.rag.parsing import Block
 
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
-_TOKEN = re.compile(rf"[{_CJK}]|[^\W{_CJK}]+|[^\w\s]")
-_SENTENCE_END = re.compile(r"(?<=[.!?\u3002\uff01\uff1f])\s+")
+# Linear-time patterns (serve_app.textmatch): the text is an uploaded document.
+_TOKEN = textmatch.compile(rf"[{_CJK}]|[^\W{_CJK}]+|[^\w\s]")
+# Was the lookbehind `(?<=[.!?。！？])\s+` (RE2 has none): split at group 1 instead.
+_SENTENCE_END = textmatch.compile("[.!?\u3002\uff01\uff1f](\\s+)")
 HEADING_SEPARATOR = " > "
 
 
 def count_tokens(text: str) -> int:
-    return sum(1 for _ in _TOKEN.finditer(text))
+    return _TOKEN.count(text)
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ class Chunker:
                 units.append(_Unit(text, n_tokens, block.page, "\n\n"))
                 continue
             separator = "\n\n"
-            for sentence in _SENTENCE_END.split(text):
+            for sentence in _SENTENCE_END.split(text, group=1):
                 sentence = sentence.strip()
                 if not sentence:
                     continue

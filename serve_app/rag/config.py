@@ -57,6 +57,11 @@ class RagSettings(_Strict):
     max_pdf_pages: int = Field(1_000, ge=1, description="Longer PDFs get 413.")
     max_metadata_bytes: int = Field(4_096, ge=2, description="JSON size of a document's "
                                     "metadata; larger gets 400.")
+    parse_timeout_s: float = Field(
+        20.0, gt=0, description="Time limit of parsing one uploaded document (in a worker "
+        "process); a document that takes longer gets 422 and its worker is replaced.")
+    parse_workers: int = Field(2, ge=1, description="Worker processes that parse uploads "
+                               "in the Retriever, outside its event loop and GIL.")
     allowed_content_types: list[str] = Field(
         list(SUPPORTED_CONTENT_TYPES),
         description="Accepted content types (a subset of text/plain, text/markdown, "

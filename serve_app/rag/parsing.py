@@ -3,18 +3,26 @@
 Supported: text/plain (paragraphs), text/markdown (ATX and setext headings, fenced code,
 front matter, links reduced to their text) and application/pdf (pypdf text extraction;
 the PDF outline, when present, gives the heading path of each page). Bad input becomes an
-`ApiError`: 400 unreadable or empty, 413 too large, 415 unsupported type.
+`ApiError`: 400 unreadable or empty, 413 too large, 415 unsupported type, 422 not parsed
+within `parse_timeout_s`.
+
+In the Retriever, parsing runs in a `ParserPool` (worker processes with a time limit per
+document), outside the replica's event loop and GIL; elsewhere (tests, tools) in-process.
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import io
-import re
-from collections.abc import Iterable
+import queue
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
-from serve_app.errors import ApiError
+from serve_app import textmatch
+from serve_app.errors import ApiError, is_error_payload
 from serve_app.rag.config import SUPPORTED_CONTENT_TYPES, RagSettings
 from serve_app.rag.models import DocumentIn
 
@@ -76,7 +84,8 @@ def load_document(doc: DocumentIn, settings: RagSettings,
         _check_size(n_bytes, settings, f"{param}.content_b64")
         content_type = content_type or sniff_content_type(data, f"{param}.content_type")
     _check_allowed(content_type, settings, f"{param}.content_type")
-    parsed = parse(data, content_type, settings=settings, param=param)
+    parsed = (_pool.parse if _pool is not None else parse)(
+        data, content_type, settings=settings, param=param)
     if not any(block.text.strip() for block in parsed.blocks):
         hint = (" (a scanned PDF without a text layer? OCR is not supported)"
                 if content_type == "application/pdf" else "")
@@ -144,16 +153,18 @@ def decode_text(data: bytes, param: str = "document") -> str:
                        param=param) from exc
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# Document text is untrusted: plain string code or linear-time patterns (serve_app.textmatch)
+# only. Python's `re` took quadratic time on "<!--" * n, "[a" * n, "**" * n, ...
+_CONTROL = {code: None for code in (*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F)}
 
 
 def clean_text(text: str) -> str:
     """Unix newlines, no control characters (tabs and newlines stay)."""
-    return _CONTROL.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
+    return text.replace("\r\n", "\n").replace("\r", "\n").translate(_CONTROL)
 
 
 # ---------------------------------------------------------------------------- plain text
-_BLANK_LINES = re.compile(r"\n[ \t]*\n+")
+_BLANK_LINES = textmatch.compile(r"\n[ \t]*\n+")
 
 
 def parse_plain_text(text: str) -> ParsedDocument:
@@ -171,21 +182,31 @@ def paragraphs(text: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- markdown
-_ATX = re.compile(r"^ {0,3}(#{1,6})(?:[ \t]+(.*?))?(?:[ \t]+#+)?[ \t]*$")
-_SETEXT = re.compile(r"^ {0,3}(=+|-+)[ \t]*$")
-_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
-_THEMATIC = re.compile(r"^ {0,3}([-*_])([ \t]*\1){2,}[ \t]*$")
-_IMAGE = re.compile(r"!\[([^\]]*)\]\([^)]*\)")
-_LINK = re.compile(r"\[([^\]]+)\]\([^)]*\)")
-_COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
-_EMPHASIS = re.compile(r"(\*\*|__|`)(.+?)\1")
+_ATX = textmatch.compile(r"^ {0,3}(#{1,6})(?:[ \t]+(.*?))?(?:[ \t]+#+)?[ \t]*$")
+_SETEXT = textmatch.compile(r"^ {0,3}(=+|-+)[ \t]*$")
+_FENCE = textmatch.compile(r"^ {0,3}(`{3,}|~{3,})")
+_IMAGE = textmatch.compile(r"!\[([^\]]*)\]\([^)]*\)")
+_LINK = textmatch.compile(r"\[([^\]]+)\]\([^)]*\)")
+_COMMENT = textmatch.compile(r"<!--.*?-->", dotall=True)
+# Was `(\*\*|__|`)(.+?)\1`; RE2 has no backreference, so one alternative per delimiter.
+_EMPHASIS = textmatch.compile(r"\*\*(.+?)\*\*|__(.+?)__|`(.+?)`")
 
 
 def inline_text(text: str) -> str:
     """Markdown inline markup -> its visible text."""
-    text = _IMAGE.sub(r"\1", text)
-    text = _LINK.sub(r"\1", text)
-    return _EMPHASIS.sub(r"\2", text)
+    text = _IMAGE.sub(lambda m: m.group(1), text)
+    text = _LINK.sub(lambda m: m.group(1), text)
+    return _EMPHASIS.sub(lambda m: m.group(1) or m.group(2) or m.group(3), text)
+
+
+def _thematic_break(line: str) -> bool:
+    """`^ {0,3}([-*_])([ \t]*\1){2,}[ \t]*$` (a backreference) in plain string code: up to
+    three spaces, then three or more of one of - * _, with spaces and tabs between."""
+    rest = line.lstrip(" ")
+    if len(line) - len(rest) > 3 or rest[:1] not in ("-", "*", "_"):
+        return False
+    marks = rest.replace(" ", "").replace("\t", "")
+    return len(marks) >= 3 and marks == rest[0] * len(marks)
 
 
 def parse_markdown(text: str) -> ParsedDocument:
@@ -214,7 +235,7 @@ def parse_markdown(text: str) -> ParsedDocument:
             builder.para = []
             builder.heading(1 if match.group(1).startswith("=") else 2, title)
             continue
-        if _THEMATIC.match(line) or not line.strip():
+        if _thematic_break(line) or not line.strip():
             builder.flush_paragraph()
             continue
         builder.para.append(line.rstrip())
@@ -274,7 +295,7 @@ def _front_matter(lines: list[str]) -> tuple[str | None, int]:
 
 
 # ---------------------------------------------------------------------------- PDF
-_HYPHENATED = re.compile(r"(\w)-\n(\w)")
+_HYPHENATED = textmatch.compile(r"(\w)-\n(\w)")
 
 
 def parse_pdf(data: bytes, *, max_pages: int, param: str = "document") -> ParsedDocument:
@@ -320,7 +341,7 @@ def parse_pdf(data: bytes, *, max_pages: int, param: str = "document") -> Parsed
 
 
 def _pdf_paragraphs(text: str) -> list[str]:
-    text = _HYPHENATED.sub(r"\1\2", clean_text(text))
+    text = _HYPHENATED.sub(lambda m: m.group(1) + m.group(2), clean_text(text))
     out = []
     for para in paragraphs(text):
         joined = " ".join(line.strip() for line in para.split("\n") if line.strip())
@@ -356,3 +377,104 @@ def _outline_by_page(reader: object) -> dict[int, tuple[str, ...]]:
     for page, path in entries:  # document order: a later entry on a page wins
         by_page[page] = path
     return by_page
+
+
+# ---------------------------------------------------------------------------- isolation
+_pool: ParserPool | None = None
+
+
+def parse_in_processes(pool: ParserPool | None) -> None:
+    """Make `load_document` parse in `pool` (the Retriever replica does this once);
+    None: parse in the calling thread again."""
+    global _pool
+    _pool = pool
+
+
+def parse_job(data: bytes | str, content_type: str, settings: RagSettings,
+              param: str) -> ParsedDocument | dict[str, object]:
+    """What a worker process runs (top level: pickled by name). An ApiError comes back as
+    its payload: its keyword-only fields would not survive pickling."""
+    try:
+        return parse(data, content_type, settings=settings, param=param)
+    except ApiError as exc:
+        return exc.to_payload()
+
+
+def _warm_up() -> None:
+    """Runs first in a new worker, so its start-up does not count against a document."""
+
+
+class ParserPool:
+    """`parse(...)` (the signature of `parse`) in worker processes, one document per worker
+    at a time, each within `timeout_s`. A worker past the limit is killed and replaced, so
+    a hostile document costs one worker for one time limit and nobody else's upload.
+
+    Each worker is a ProcessPoolExecutor of one process: killing it cannot take another
+    document's work down with it. Workers start lazily, from a forkserver (Ray actors are
+    threaded, so fork is unsafe). Call `parse` from a thread, never from an event loop.
+    """
+
+    def __init__(self, workers: int, timeout_s: float, *, job: Callable[..., object] = parse_job,
+                 mp_context: str = "forkserver", start_timeout_s: float = 120.0) -> None:
+        import multiprocessing
+
+        self.timeout_s = timeout_s
+        self.start_timeout_s = start_timeout_s
+        self._job = job
+        self._context = multiprocessing.get_context(mp_context)
+        self._idle: queue.SimpleQueue[_Worker | None] = queue.SimpleQueue()
+        for _ in range(workers):
+            self._idle.put(None)  # started on first use
+
+    def parse(self, data: bytes | str, content_type: str, *,
+              settings: RagSettings | None = None, param: str = "document") -> ParsedDocument:
+        worker = self._idle.get()  # waits at most one time limit per document ahead
+        try:
+            worker = worker or _Worker(self._context)
+            worker.ready.result(timeout=self.start_timeout_s)
+            future = worker.executor.submit(self._job, data, content_type,
+                                            settings or RagSettings(), param)
+            result = future.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            worker = _discard(worker)
+            raise ApiError(422, f"The document could not be parsed within {self.timeout_s:g} "
+                           "s; split it or simplify its markup.", code="parse_timeout",
+                           param=param) from None
+        except BrokenProcessPool:  # the worker died (memory, a crash in a PDF library)
+            worker = _discard(worker)
+            raise ApiError(422, "The document could not be parsed.", code="parse_failed",
+                           param=param) from None
+        finally:
+            self._idle.put(worker)
+        if is_error_payload(result):
+            raise ApiError.from_payload(result)  # type: ignore[arg-type]
+        return result  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Stop the idle workers (a busy one ends with its document or with this process)."""
+        while True:
+            try:
+                _discard(self._idle.get_nowait())
+            except queue.Empty:
+                return
+
+
+class _Worker:
+    def __init__(self, context: object) -> None:
+        self.executor = ProcessPoolExecutor(
+            max_workers=1, mp_context=context)  # type: ignore[arg-type]
+        self.ready: Future[None] = self.executor.submit(_warm_up)
+
+
+def _discard(worker: _Worker | None) -> None:
+    """Kill the worker's process (it may be stuck in C code) and let its executor go."""
+    if worker is None:
+        return None
+    kill = getattr(worker.executor, "kill_workers", None)  # Python 3.14+
+    if kill is not None:
+        kill()
+    else:
+        for process in list(getattr(worker.executor, "_processes", {}).values()):
+            process.kill()
+    worker.executor.shutdown(wait=False, cancel_futures=True)
+    return None

@@ -5,11 +5,12 @@ change them only with a new FEATURES_VERSION."""
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from serve_app import textmatch
 
 FEATURES_VERSION = 1
 MAX_CHARS = 20_000  # features of a longer prompt are computed on its first MAX_CHARS
@@ -34,21 +35,22 @@ FEATURE_NAMES: tuple[str, ...] = (
 
 _QUESTION_WORDS = ("what", "who", "when", "where", "which", "why", "how", "is", "are", "do",
                    "does", "can", "could", "should", "would", "will", "name", "define")
-_HARD_VERBS = re.compile(
+# Linear-time patterns (serve_app.textmatch): the text is a prompt.
+_HARD_VERBS = textmatch.compile(
     r"\b(prove|derive|show that|evaluate|compute|calculate|solve|integrate|differentiate|"
     r"optimi[sz]e|implement|design|analy[sz]e|compare|explain why|justify|refactor|debug|"
-    r"find all|determine)\b", re.IGNORECASE)
-_EASY_VERBS = re.compile(
+    r"find all|determine)\b", ignore_case=True)
+_EASY_VERBS = textmatch.compile(
     r"\b(hi|hello|hey|thanks|thank you|translate|spell|list|name|define|what is|who is|"
-    r"capital of|tell me a joke|summari[sz]e)\b", re.IGNORECASE)
-_MATH_SYMBOLS = re.compile(r"[=+\-*/^<>≤≥≠±∑∫√π∞∂∇×÷|]")
-_LATEX = re.compile(r"\\[A-Za-z]+|\$")
-_CODE = re.compile(
+    r"capital of|tell me a joke|summari[sz]e)\b", ignore_case=True)
+_MATH_SYMBOLS = textmatch.compile(r"[=+\-*/^<>≤≥≠±∑∫√π∞∂∇×÷|]")
+_LATEX = textmatch.compile(r"\\[A-Za-z]+|\$")
+_CODE = textmatch.compile(
     r"```|\bdef |\bclass |\breturn\b|\bimport |\bfunction\b|=>|;\s*$|\{|\}|#include|"
-    r"\bSELECT\b|\bconst\b|\bpublic\b", re.MULTILINE)
-_NUMBER = re.compile(r"\d+(?:[.,]\d+)?")
-_CHOICE_LINE = re.compile(r"^\s*\(?[A-Ea-e][.)]\s", re.MULTILINE)
-_WORD = re.compile(r"\w+")
+    r"\bSELECT\b|\bconst\b|\bpublic\b", multiline=True)
+_NUMBER = textmatch.compile(r"\d+(?:[.,]\d+)?")
+_CHOICE_LINE = textmatch.compile(r"^\s*\(?[A-Ea-e][.)]\s", multiline=True)
+_WORD = textmatch.compile(r"\w+")
 
 
 def text_features(text: str) -> np.ndarray:
@@ -67,17 +69,17 @@ def text_features(text: str) -> np.ndarray:
         math.log1p(n_words),
         math.log1p(text.count("\n") + 1 if text else 0),
         sum(c.isdigit() for c in text) / denominator,
-        len(_MATH_SYMBOLS.findall(text)) / denominator,
-        math.log1p(len(_LATEX.findall(text))),
-        math.log1p(len(_CODE.findall(text))),
+        _MATH_SYMBOLS.count(text) / denominator,
+        math.log1p(_LATEX.count(text)),
+        math.log1p(_CODE.count(text)),
         math.log1p(text.count("?")),
         1.0 if first_word in _QUESTION_WORDS else 0.0,
-        math.log1p(len(_HARD_VERBS.findall(text))),
-        math.log1p(len(_EASY_VERBS.findall(text))),
+        math.log1p(_HARD_VERBS.count(text)),
+        math.log1p(_EASY_VERBS.count(text)),
         (sum(len(w) for w in words) / n_words) if n_words else 0.0,
         (sum(c.isupper() for c in letters) / len(letters)) if letters else 0.0,
-        math.log1p(len(_NUMBER.findall(text))),
-        math.log1p(len(_CHOICE_LINE.findall(text))),
+        math.log1p(_NUMBER.count(text)),
+        math.log1p(_CHOICE_LINE.count(text)),
     )
     return np.asarray(values, dtype=np.float32)
 

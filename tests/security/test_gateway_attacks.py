@@ -53,17 +53,28 @@ def budget(stack, key_id: str) -> dict:
         return admin.get(f"/admin/v1/keys/{key_id}/budget").json()
 
 
-def wait_for(condition, timeout_s: float = 30.0) -> None:
+def wait_for(condition, timeout_s: float = 30.0, describe=lambda: "") -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and not condition():
         time.sleep(0.3)
-    assert condition()
+    assert condition(), describe()
 
 
 # ---------------------------------------------------------------------------- 1: request ids
+def prompt_tokens(stack) -> int:
+    """The exact prompt count of HI (what the gateway reserves for the local model)."""
+    key = create_key(stack.base_url, tenant="probe")["key"]
+    with httpx.Client(base_url=stack.base_url, timeout=120,
+                      headers={"authorization": f"Bearer {key}"}) as client:
+        reply = client.post("/v1/chat/completions", json=chat_body(max_tokens=1))
+    return reply.json()["usage"]["prompt_tokens"]
+
+
 def test_a_reused_request_id_is_only_a_label(stack):
-    # One request costs ~(prompt 30 + max_tokens 4) x $0.0001 ~ $0.0034: the budget covers 3.
-    first = create_key(stack.base_url, tenant="ids-a", budget_usd=0.011, budget_period="day")
+    # The worst case of one request is (prompt + 4) tokens; the budget covers 3.5 of them.
+    worst = (prompt_tokens(stack) + 4) * PRICE_PER_TOKEN
+    first = create_key(stack.base_url, tenant="ids-a", budget_usd=round(3.5 * worst, 6),
+                       budget_period="day")
     other = create_key(stack.base_url, tenant="ids-b")
     fixed = {"x-request-id": "the-same-id"}
 
@@ -202,7 +213,10 @@ def test_stream_disconnects_at_every_stage_lose_no_row(stack, leave_after_lines)
 
     asyncio.run(run())
     wait_for(lambda: len(usage_rows(stack, tenant_id=tenant)) == count)
-    wait_for(lambda: budget(stack, created["key_id"])["reserved_usd"] == 0)
+    wait_for(lambda: budget(stack, created["key_id"])["reserved_usd"] == 0,
+             describe=lambda: (budget(stack, created["key_id"]), [
+                 (r["status"], r["error_code"], r["tokens_in"], r["tokens_out"], r["cost_usd"])
+                 for r in usage_rows(stack, tenant_id=tenant)]))
 
 
 # ---------------------------------------------------------------------------- 5: client errors
@@ -293,15 +307,19 @@ def test_readiness_floods_do_not_slow_real_traffic(stack):
 
 # ---------------------------------------------------------------------------- 13: allowed models
 def test_allowed_models_apply_to_the_model_that_answers(stack):
-    created = create_key(stack.base_url, tenant="allowed",
-                         allowed_models=["auto", "small", "gpt-4o-mini"])
+    # Router aliases only: the key may ask for them, but no listed model may answer.
+    aliases_only = create_key(stack.base_url, tenant="allowed",
+                              allowed_models=["auto", "small", "medium", "large"])
+    local_too = create_key(stack.base_url, tenant="allowed", allowed_models=["auto", MODEL])
 
-    async def run():
-        async with http(stack, created["key"]) as client:
+    async def run(key, names):
+        async with http(stack, key) as client:
             return [await client.post("/v1/chat/completions", json=chat_body(model=name))
-                    for name in ("auto", "small", MODEL)]
+                    for name in names]
 
-    for answer in asyncio.run(run()):
-        # offline, every chain ends on the local model, which this key may not use
+    for answer in asyncio.run(run(aliases_only["key"], ("auto", "small", "large"))):
+        # offline every chain ends on the local model, which this key may not use
         assert answer.status_code == 403, answer.text
         assert answer.json()["error"]["code"] == "model_not_allowed"
+    routed, = asyncio.run(run(local_too["key"], ("auto",)))
+    assert routed.status_code == 200 and routed.headers["x-model"] == MODEL

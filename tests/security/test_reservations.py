@@ -230,3 +230,17 @@ def test_window_settlement_does_not_grow_with_the_window() -> None:
     small = min(_settle_cost(1_000) for _ in range(3))
     large = min(_settle_cost(64_000) for _ in range(3))
     assert large < small * 8  # O(n) would be ~64x
+
+
+def test_every_quota_method_runs_on_the_event_loop() -> None:
+    """Ray runs sync deployment methods in a thread pool, where they would race the async
+    ones over the same windows and reservations (seen: 'deque mutated during iteration')."""
+    import inspect
+
+    from deployments.quota import Quota
+
+    cls = Quota.func_or_class
+    public = [name for name, member in vars(cls).items()
+              if callable(member) and not name.startswith("_")]
+    assert "admit" in public and "settle" in public
+    assert [name for name in public if not inspect.iscoroutinefunction(getattr(cls, name))] == []
