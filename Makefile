@@ -16,9 +16,10 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export VLLM_CPU_KVCACHE_SPACE ?= 1
-# Local clusters only: token auth off (the dashboard binds to 127.0.0.1). Exported so the
-# ray/serve CLIs agree with the cluster the launcher starts.
-export RAY_AUTH_MODE ?= disabled
+# Ray's control plane (GCS, raylet, dashboard, job API) needs this token; the launcher and the
+# test fixtures create it once (mode 600). Exported so ray/serve CLIs run here agree.
+export RAY_AUTH_MODE ?= token
+export RAY_AUTH_TOKEN_PATH ?= $(abspath $(DATA_DIR))/secrets/ray_auth_token
 
 .PHONY: setup models run test test-unit bench lint clean
 

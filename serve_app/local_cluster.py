@@ -53,7 +53,8 @@ class LocalStack:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # Same private control plane as `make run`: token auth (RAY_AUTH_TOKEN_PATH, or
+        # var/secrets/ray_auth_token) and every Ray port on 127.0.0.1.
         os.environ.setdefault("LLMSTACK_LOG_TO_DRIVER", "0")
         start_ray(num_cpus=8, dashboard=False)
 
