@@ -99,9 +99,10 @@ class SemanticCache:
     # ---- request path (the Gateway) --------------------------------------------------
 
     async def lookup(self, tenant: str, decision: dict[str, Any],
-                     vector: list[float] | None) -> dict[str, Any]:
+                     vector: list[float] | None, exact_only: bool = False) -> dict[str, Any]:
         self._start_background()
-        return await _payload(lambda: self.service.lookup(tenant, decision, vector))
+        return await _payload(lambda: self.service.lookup(tenant, decision, vector,
+                                                          exact_only))
 
     async def store(self, tenant: str, decision: dict[str, Any], vector: list[float] | None,
                     completion: dict[str, Any], source_ids: list[str] | None = None,

@@ -23,7 +23,7 @@ Embed = Callable[[list[str]], Awaitable[list[list[float]]]]
 
 class CachePort(Protocol):
     async def lookup(self, tenant: str, decision: dict[str, Any],
-                     vector: list[float] | None) -> dict[str, Any]: ...
+                     vector: list[float] | None, exact_only: bool = False) -> dict[str, Any]: ...
 
     def store(self, tenant: str, decision: dict[str, Any], vector: list[float] | None,
               completion: dict[str, Any], source_ids: list[str] | None,
@@ -70,6 +70,18 @@ class CacheStage:
             ctx.extra["cache_reason"] = decision.reason
             return None
         step = CacheStep(decision=decision)
+        if decision.lookup and decision.semantic and self.embed is not None:
+            # The fast path: an exact repeat (normalised-prompt hash, tenant and scope) is
+            # answered before the query is embedded.
+            started = time.perf_counter()
+            probe = await self.cache.lookup(ctx.tenant or "", decision.to_dict(), None,
+                                            exact_only=True)
+            ctx.stage("cache_exact", started)
+            if not is_error_payload(probe) and probe.get("hit"):
+                step.similarity = probe.get("similarity")
+                ctx.cache = "hit"
+                step.hit = probe
+                return step
         if decision.semantic and self.embed is not None:
             started = time.perf_counter()
             try:

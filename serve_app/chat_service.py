@@ -117,23 +117,30 @@ class ChatService:
         """Write the usage row (returns once it is committed) and release the reservation.
         Once per request; the write runs in its own task, so a client that goes away
         while it runs cannot cancel it (the row is still written)."""
-        if ctx.settled or ctx.key_id is None or self.accounting is None:
+        task = self._begin_settle(ctx, status)
+        if task is None:
             return
-        ctx.settled = True
-        ctx.status = status
         started = time.perf_counter()
-        task = self._in_background(self._write_row(ctx, status), quiet=False)
         await asyncio.shield(task)
         ctx.stage("record", started)
 
     def settle_in_background(self, ctx: RequestContext, status: int) -> None:
         """The HTTP edge's last resort: a request admitted but never settled (a stream the
         client left before it started, a crash in a route) is settled here."""
-        if not ctx.admitted or ctx.settled or ctx.key_id is None or self.accounting is None:
+        if not ctx.admitted or ctx.settled:
             return
         if ctx.error_code is None:
             ctx.error_code = "client_disconnected" if status in (0, 499) else "internal_error"
-        self._in_background(self.settle(ctx, status or 499))
+        self._begin_settle(ctx, status or 499)
+
+    def _begin_settle(self, ctx: RequestContext, status: int) -> asyncio.Future[Any] | None:
+        """Marks the request settled at once (so nothing settles it twice) and starts the
+        write; None if there is nothing (more) to settle."""
+        if ctx.settled or ctx.key_id is None or self.accounting is None:
+            return None
+        ctx.settled = True
+        ctx.status = status
+        return self._in_background(self._write_row(ctx, status), quiet=False)
 
     async def _write_row(self, ctx: RequestContext, status: int) -> None:
         assert self.accounting is not None
@@ -218,7 +225,12 @@ class ChatService:
         if outcome.stream is None:
             if rag is not None and outcome.body is not None:
                 outcome.body["sources"] = rag.sources
-            await self.settle(ctx, 200)
+            if ctx.cache == "hit":
+                # A hit costs $0 and reserved nothing that others wait for: its row joins
+                # the next group commit without the answer waiting for the fsync.
+                self._begin_settle(ctx, 200)
+            else:
+                await self.settle(ctx, 200)
             if step is not None and step.hit is None and outcome.body is not None:
                 self._in_background(self._store(ctx, step, outcome.body, rag))
         return outcome
@@ -347,7 +359,10 @@ class ChatService:
                 if not usage_seen:
                     self._account_partial(ctx, content_chunks)
             try:
-                await self.settle(ctx, failed.status if failed else 200)
+                if failed is None and ctx.cache == "hit":
+                    self._begin_settle(ctx, 200)  # $0: not worth an fsync wait
+                else:
+                    await self.settle(ctx, failed.status if failed else 200)
             except ApiError as error:
                 failed = failed or error
             if failed is not None:

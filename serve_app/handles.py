@@ -176,8 +176,8 @@ class CacheClient:
         self.background = BackgroundCalls()
 
     async def lookup(self, tenant: str, decision: dict[str, Any],
-                     vector: list[float] | None) -> dict[str, Any]:
-        response = self.handle.lookup.remote(tenant, decision, vector)
+                     vector: list[float] | None, exact_only: bool = False) -> dict[str, Any]:
+        response = self.handle.lookup.remote(tenant, decision, vector, exact_only)
         try:
             return await asyncio.wait_for(_await(response), self.timeout_s)
         except Exception:

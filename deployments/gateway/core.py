@@ -30,6 +30,7 @@ from serve_app.address_gate import AddressGate
 from serve_app.http_edge import context_of, register_edge_hooks
 from serve_app.llm.prompt import LocalPromptTokenizer
 from serve_app.llm.token_count import LocalCounter
+from serve_app.routing.load import LocalLoad
 from serve_app.readiness import CachedReadiness
 import asyncio
 import logging
@@ -112,7 +113,9 @@ class Gateway(OpenAIRoutes, AdminRoutes, CacheRoutes, RagRoutes, AgentRoutes):
             remote=self.remote.target_calls, classify=self._classify, embed=self.embed,
             local_default_max_tokens=int(local_info.get("default_max_tokens") or 256),
             provider_default_max_tokens=self.settings.gateway.default_max_tokens,
-            local_counter=self.local_counter)
+            local_counter=self.local_counter,
+            local_load=LocalLoad(self.settings.router.local.max_running_requests,
+                                 poll=self._local_running))
         cache = CacheStage(self.cache, self.settings.cache, self.embed,
                            self._price_of_answer, self.settings.rag.max_sources_header_bytes)
         return ChatService(
@@ -128,6 +131,10 @@ class Gateway(OpenAIRoutes, AdminRoutes, CacheRoutes, RagRoutes, AgentRoutes):
         router = self.chat.router
         target = router.policy.explicit_targets.get(model)
         return router.price(target) if target else self.settings.price_of(model)
+
+    async def _local_running(self) -> int:
+        """Requests running in a LocalLLM replica's engine (load-aware routing polls it)."""
+        return int(await self.llm.call("running_requests", timeout_s=2.0))
 
     async def _classify(self, text: str, vector: list[float],
                         thresholds: dict[str, float] | None) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from serve_app.agent.config import BudgetLimits
+from serve_app.quota.pricing import token_cost_usd
 
 # Stop reasons (stable strings: clients switch on them).
 TIMEOUT = "timeout"
@@ -61,8 +62,8 @@ class Prices:
     usd_per_million_output: float = 0.0
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (prompt_tokens * self.usd_per_million_input
-                + completion_tokens * self.usd_per_million_output) / 1_000_000
+        return token_cost_usd(prompt_tokens, completion_tokens, self.usd_per_million_input,
+                              self.usd_per_million_output)
 
 
 @dataclass

@@ -8,6 +8,8 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from serve_app.quota.pricing import token_cost_usd
+
 ZERO_USAGE = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
 _STORABLE_FINISH = frozenset({"stop", "length"})
 
@@ -114,8 +116,9 @@ def estimated_saving_usd(usage: Mapping[str, Any] | None, input_usd_per_mtok: fl
     """What the cached answer cost when it was generated (its recorded usage)."""
     if not usage:
         return 0.0
-    return (int(usage.get("prompt_tokens", 0)) * input_usd_per_mtok
-            + int(usage.get("completion_tokens", 0)) * output_usd_per_mtok) / 1_000_000
+    return token_cost_usd(int(usage.get("prompt_tokens", 0)),
+                          int(usage.get("completion_tokens", 0)),
+                          input_usd_per_mtok, output_usd_per_mtok)
 
 
 def _completion_id() -> str:

@@ -78,8 +78,10 @@ class CacheService:
     # ---- the request path ------------------------------------------------------------
 
     def lookup(self, tenant: str, decision: Mapping[str, Any],
-               vector: Sequence[float] | None) -> dict[str, Any]:
-        """-> {"hit": True, "completion", "similarity", "match", ...} or {"hit": False, ...}"""
+               vector: Sequence[float] | None, exact_only: bool = False) -> dict[str, Any]:
+        """-> {"hit": True, "completion", "similarity", "match", ...} or {"hit": False, ...}
+        `exact_only`: the normalised-prompt hash only, asked before the query is embedded;
+        its miss is not counted (the full lookup that follows counts it)."""
         started = time.perf_counter()
         plan = _decision(decision)
         tenant = _tenant(tenant)
@@ -91,9 +93,12 @@ class CacheService:
                 tenant=tenant, scope_key=plan.scope_key, prompt_hash=plan.prompt_hash,
                 vector=vector, threshold=threshold, now=self.clock(),
                 query_text=plan.query_text, guard=self.guard.check if self.guard else None,
-                semantic=plan.semantic)
+                semantic=plan.semantic and not exact_only)
         except ValueError as exc:
             raise ApiError(400, f"cache lookup: {exc}", code="invalid_cache_request") from exc
+        if outcome.hit is None and exact_only:
+            return {"hit": False, "reason": "no_exact_match", "threshold": threshold,
+                    "similarity": None, "probe": True}
         if outcome.hit is None:
             return self._miss(plan, outcome.rejected or "miss", outcome.best_similarity,
                               threshold, started)

@@ -15,6 +15,7 @@ from serve_app.errors import ApiError
 
 from serve_app.routing.config import LOCAL_TARGET, TIERS, RouterSettings
 from serve_app.routing.fallback import CompleteFn, FallbackChain, StreamFn, Target
+from serve_app.routing.load import LocalLoad, ProviderHealth
 from serve_app.routing.policy import RoutingPolicy
 
 
@@ -30,9 +31,13 @@ class ChainBuilder:
                  environ: Mapping[str, str] | None = None,
                  local_skip: Callable[[], str | None] | None = None,
                  local_first_output_timeout_s: float | None = None,
-                 provider_default_max_tokens: int | None = None) -> None:
+                 provider_default_max_tokens: int | None = None,
+                 local_load: LocalLoad | None = None,
+                 health: ProviderHealth | None = None) -> None:
         self.settings = settings
         self.provider_default_max_tokens = provider_default_max_tokens
+        self.local_load = local_load
+        self.health = health
         self.local = local
         self.remote = remote
         self.local_model = local_model
@@ -42,8 +47,15 @@ class ChainBuilder:
 
     def target(self, name: str) -> Target:
         if name == LOCAL_TARGET:
-            return Target(LOCAL_TARGET, self.local.complete, self.local.stream,
-                          skip_reason=self.local_skip, model=self.local_model,
+            complete, stream, skip = self.local.complete, self.local.stream, self.local_skip
+            load = self.local_load
+            if load is not None:
+                complete, stream = _counted(complete, stream, load)
+                base_skip = skip
+                def skip() -> str | None:  # noqa: E306
+                    return base_skip() or load.skip_reason()
+            return Target(LOCAL_TARGET, complete, stream, skip_reason=skip,
+                          model=self.local_model,
                           first_output_timeout_s=self.local_first_output_timeout_s)
         provider = self.settings.provider(name)
         calls = self.remote(name)
@@ -66,6 +78,8 @@ class ChainBuilder:
 
     def _chain(self, names: list[str], label: str,
                allowed: Collection[str] | None) -> FallbackChain:
+        if self.health is not None:
+            names = self.health.order(names, LOCAL_TARGET)
         targets = [self.target(n) for n in names]
         if allowed is not None:
             # A key's allowed_models bound the model that answers, not just the name asked.
@@ -73,7 +87,18 @@ class ChainBuilder:
             if not targets:
                 raise ApiError(403, f"This API key may not use any model that {label} can "
                                "route to.", code="model_not_allowed", param="model")
-        return FallbackChain(targets, label=label)
+        return FallbackChain(targets, label=label, on_failure=self._failed)
+
+    def _failed(self, target: str, reason: str, error: ApiError) -> None:
+        """A provider that said 429 or has an open breaker goes behind local for a while."""
+        if self.health is None or target == LOCAL_TARGET:
+            return
+        if reason in ("429", "circuit_open") or error.status == 429:
+            try:
+                wait = float(error.headers.get("retry-after", 0))
+            except ValueError:
+                wait = 0.0
+            self.health.refused(target, wait)
 
     def for_tier(self, tier: str, allowed: Collection[str] | None = None) -> FallbackChain:
         if tier not in TIERS:
@@ -86,6 +111,26 @@ class ChainBuilder:
         chains = {tier: self.settings.tiers.chain(tier) for tier in TIERS}
         names = policy.explicit_chain(target, chains)
         return self._chain(names, f"model {target}", allowed)
+
+
+def _counted(complete: CompleteFn, stream: StreamFn, load: LocalLoad) -> tuple[Any, Any]:
+    """The local target's calls, counted in flight for load-aware skipping."""
+    async def counted_complete(request: dict[str, Any], request_id: str) -> Any:
+        load.started()
+        try:
+            return await complete(request, request_id)
+        finally:
+            load.finished()
+
+    async def counted_stream(request: dict[str, Any], request_id: str) -> Any:
+        load.started()
+        try:
+            async for chunk in stream(request, request_id):
+                yield chunk
+        finally:
+            load.finished()
+
+    return counted_complete, counted_stream
 
 
 def _with_request(call: Any, change: Callable[[dict[str, Any]], dict[str, Any]]) -> Any:

@@ -15,6 +15,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from serve_app.quota.pricing import token_cost_usd
+
 LOCAL_TARGET = "local"
 TIERS: tuple[str, str, str] = ("small", "medium", "large")
 Tier = Literal["small", "medium", "large"]
@@ -108,8 +110,8 @@ class ProviderSettings(_Strict):
         return self.api_key_env is None or self.api_key(environ) is not None
 
     def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (prompt_tokens * self.price_in_per_mtok
-                + completion_tokens * self.price_out_per_mtok) / 1e6
+        return token_cost_usd(prompt_tokens, completion_tokens, self.price_in_per_mtok,
+                              self.price_out_per_mtok)
 
 
 class LocalTargetSettings(_Strict):
@@ -123,8 +125,8 @@ class LocalTargetSettings(_Strict):
         "above this many running requests; None: never skipped for load.")
 
     def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (prompt_tokens * self.price_in_per_mtok
-                + completion_tokens * self.price_out_per_mtok) / 1e6
+        return token_cost_usd(prompt_tokens, completion_tokens, self.price_in_per_mtok,
+                              self.price_out_per_mtok)
 
 
 class TierChains(_Strict):

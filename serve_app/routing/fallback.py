@@ -122,11 +122,15 @@ def _reason_for(error: ApiError) -> str:
 
 
 class FallbackChain:
-    def __init__(self, targets: list[Target], *, label: str = "chain") -> None:
+    def __init__(self, targets: list[Target], *, label: str = "chain",
+                 on_failure: Callable[[str, str, ApiError], None] | None = None) -> None:
+        """`on_failure(target, reason, error)` hears of every fallback-worthy failure (the
+        router's provider-health memory)."""
         if not targets:
             raise ValueError("a fallback chain needs at least one target")
         self.targets = targets
         self.label = label
+        self.on_failure = on_failure
 
     # ------------------------------------------------------------------ non-streaming
     async def complete(self, request: dict[str, Any], request_id: str) -> ChainOutcome:
@@ -200,6 +204,8 @@ class FallbackChain:
             raise failure.error
         logger.warning("fallback %s: %s failed (%s) for request %s", self.label, target.name,
                        failure.reason, request_id)
+        if self.on_failure is not None:
+            self.on_failure(target.name, failure.reason, failure.error)
         hops.append(Hop(target.name, failure.reason))
         failures.append(failure)
 

@@ -14,7 +14,9 @@ from serve_app.protocol import ChatCompletionRequest
 from serve_app.quota.pricing import Price
 from serve_app.routing.chains import ChainBuilder, TargetCalls
 from serve_app.routing.config import LOCAL_TARGET, TIERS, RouterSettings
+from serve_app.routing.features import routing_text
 from serve_app.routing.fallback import FallbackChain
+from serve_app.routing.load import LocalLoad, ProviderHealth
 from serve_app.routing.policy import RouteRequest, RoutingPolicy
 
 logger = logging.getLogger(__name__)
@@ -57,7 +59,9 @@ class GatewayRouter:
                  local_skip: Callable[[], str | None] | None = None,
                  local_default_max_tokens: int = 256,
                  provider_default_max_tokens: int = 256,
-                 local_counter: PromptCounter | None = None) -> None:
+                 local_counter: PromptCounter | None = None,
+                 local_load: LocalLoad | None = None,
+                 health: ProviderHealth | None = None) -> None:
         self.settings = settings
         self.local_model = local_model
         self.local_default_max_tokens = local_default_max_tokens
@@ -73,7 +77,10 @@ class GatewayRouter:
         self.chains = ChainBuilder(settings, local=local, remote=remote,
                                    local_model=local_model, environ=environ,
                                    local_skip=local_skip,
-                                   provider_default_max_tokens=provider_default_max_tokens)
+                                   provider_default_max_tokens=provider_default_max_tokens,
+                                   local_load=local_load if local_load is not None else LocalLoad(
+                                       settings.local.max_running_requests),
+                                   health=health or ProviderHealth())
 
     # ------------------------------------------------------------------ names and prices
     def resolve(self, model: str) -> RouteRequest | None:
@@ -173,14 +180,3 @@ class GatewayRouter:
                             "available": provider.available(self.environ)})
         return entries
 
-
-def routing_text(messages: Sequence[Mapping[str, Any]]) -> str:
-    """The text the classifier scores: the last user message."""
-    for message in reversed(messages):
-        if message.get("role") == "user":
-            content = message.get("content")
-            if isinstance(content, list):
-                return "".join(part.get("text", "") for part in content
-                               if isinstance(part, Mapping))
-            return str(content or "")
-    return ""

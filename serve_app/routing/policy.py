@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from serve_app.quota.pricing import token_cost_usd
 from serve_app.routing.config import LOCAL_TARGET, TIERS, CalibrationSettings, PolicySettings
 
 RouteKind = Literal["auto", "tier", "explicit"]
@@ -227,8 +228,7 @@ def calibration_data(calibration_rows: Mapping[str, Any], settings: CalibrationS
     """Build CalibrationData from a model file's `calibration` block and tier prices."""
     tokens_in = np.asarray(calibration_rows["tokens_in"], dtype=np.float64)
     tokens_out = float(settings.assumed_output_tokens)
-    cost = {tier: (tokens_in * tier_prices[tier][0] + tokens_out * tier_prices[tier][1]) / 1e6
-            for tier in TIERS}
+    cost = {tier: token_cost_usd(tokens_in, tokens_out, *tier_prices[tier]) for tier in TIERS}
     correct = {"small": np.full(len(tokens_in), settings.small_accuracy),
                "medium": np.asarray(calibration_rows["medium_correct"], dtype=np.float64),
                "large": np.asarray(calibration_rows["large_correct"], dtype=np.float64)}
