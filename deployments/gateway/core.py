@@ -14,7 +14,7 @@ from deployments.gateway.cache_routes import CacheRoutes
 from deployments.gateway.fastapi_app import api_key_of, app
 from deployments.gateway.openai_routes import OpenAIRoutes
 from deployments.gateway.rag_routes import RagRoutes
-from serve_app.cache_stage import CacheStage
+from serve_app.chat_builder import ChatPorts, build_chat_service, local_info_defaults
 from serve_app.chat_service import ChatService
 from serve_app.errors import ApiError
 from serve_app.handles import (
@@ -38,7 +38,6 @@ import logging
 from serve_app.metrics import serve_metrics
 from serve_app.request_context import RequestContext, RequestLogger
 from serve_app.routing.chains import TargetCalls
-from serve_app.routing.gateway_router import GatewayRouter
 from serve_app.settings import StackAppSettings
 
 
@@ -107,30 +106,16 @@ class Gateway(OpenAIRoutes, AdminRoutes, CacheRoutes, RagRoutes, AgentRoutes):
 
     def _build_chat(self, local_info: dict[str, Any]) -> ChatService:
         local = LocalLLMClient(self.llm, self.settings.gateway.request_timeout_s)
-        router = GatewayRouter(
-            self.settings.router, local_model=local_info["id"],
-            local=TargetCalls(local.complete, local.stream),
-            remote=self.remote.target_calls, classify=self._classify, embed=self.embed,
-            local_default_max_tokens=int(local_info.get("default_max_tokens") or 256),
-            provider_default_max_tokens=self.settings.gateway.default_max_tokens,
-            local_counter=self.local_counter,
+        ports = ChatPorts(
+            local=TargetCalls(local.complete, local.stream), remote=self.remote.target_calls,
+            classify=self._classify, embed=self.embed, accounting=self.quota,
+            cache=self.cache, retriever=self.retriever, local_counter=self.local_counter,
             local_load=LocalLoad(self.settings.router.local.max_running_requests,
-                                 poll=self._local_running))
-        cache = CacheStage(self.cache, self.settings.cache, self.embed,
-                           self._price_of_answer, self.settings.rag.max_sources_header_bytes)
-        return ChatService(
-            router=router, accounting=self.accounting, cache=cache, retriever=self.retriever,
-            rag_settings=self.settings.rag, prompt_log_mode=self.settings.gateway.log_prompts,
-            auth_required=self.settings.quota.auth_required,
+                                 poll=self._local_running),
             on_tokens=self._count_tokens,
             on_ttft=lambda model, s: self.metrics.ttft.observe(
                 s, tags={"gen_ai_request_model": model}))
-
-    def _price_of_answer(self, model: str):
-        """Price of the model that produced a cached answer (what a hit saves)."""
-        router = self.chat.router
-        target = router.policy.explicit_targets.get(model)
-        return router.price(target) if target else self.settings.price_of(model)
+        return build_chat_service(self.settings, ports, **local_info_defaults(local_info))
 
     async def _local_running(self) -> int:
         """Requests running in a LocalLLM replica's engine (load-aware routing polls it)."""

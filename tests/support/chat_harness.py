@@ -6,15 +6,13 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from serve_app.cache.config import CacheSettings
-from serve_app.cache_stage import CacheStage
+from serve_app.chat_builder import ChatPorts, build_chat_service
 from serve_app.chat_service import ChatService
 from serve_app.errors import ApiError
-from serve_app.quota.pricing import Price
 from serve_app.request_context import RequestContext, new_request_id
 from serve_app.routing.chains import TargetCalls
 from serve_app.routing.config import RouterSettings
-from serve_app.routing.gateway_router import GatewayRouter
+from serve_app.settings import StackAppSettings
 
 LOCAL = "local-model"
 
@@ -111,16 +109,18 @@ def make_service(*, router_settings: RouterSettings | None = None,
                  provider: RecordingProvider | None = None,
                  accounting: FakeAccounting | None = None) -> tuple[
                      ChatService, FakeAccounting, ScriptedLocal, RecordingProvider]:
+    """The pipeline as the Gateway builds it (build_chat_service), over in-memory ports."""
     accounting = accounting or FakeAccounting()
     local = local or ScriptedLocal()
     provider = provider or RecordingProvider()
-    router = GatewayRouter(router_settings or RouterSettings(), local_model=LOCAL,
-                           local=TargetCalls(local.complete, local.stream),
-                           remote=provider.calls, classify=_classify, embed=_embed,
-                           environ=environ or {}, local_default_max_tokens=64,
-                           provider_default_max_tokens=32)
-    cache = CacheStage(None, CacheSettings(enabled=False), None, lambda model: Price(), 1000)
-    service = ChatService(router=router, accounting=accounting, cache=cache)
+    settings = StackAppSettings.model_validate({
+        "router": (router_settings or RouterSettings()).model_dump(),
+        "cache": {"enabled": False}, "gateway": {"default_max_tokens": 32}})
+    ports = ChatPorts(local=TargetCalls(local.complete, local.stream), remote=provider.calls,
+                      classify=_classify, embed=_embed, accounting=accounting,
+                      environ=environ or {})
+    service = build_chat_service(settings, ports, local_model=LOCAL,
+                                 local_default_max_tokens=64)
     return service, accounting, local, provider
 
 
