@@ -22,6 +22,7 @@ from typing import Any
 
 from ray import serve
 
+from deployments.chat_pipeline import PipelineLLMPort, ServeChatPipeline
 from serve_app.agent.access import Principal
 from serve_app.agent.config import AgentSettings
 from serve_app.agent.llm_port import LLMPort, OpenAICompatibleLLM
@@ -30,20 +31,10 @@ from serve_app.agent.protocol import (ConfirmRequest, CreateSessionRequest, Gran
 from serve_app.agent.runner import AgentService
 from serve_app.agent.sandbox import SandboxUnavailable
 from serve_app.errors import ApiError, is_error_payload
-from serve_app.settings import resolve_data_dir
+from serve_app.request_context import RequestLogger
+from serve_app.settings import StackAppSettings, resolve_data_dir
 
 logger = logging.getLogger(__name__)
-
-
-class _HandlePort:
-    """LLMPort over a deployment handle (`<method>.remote(request)`)."""
-
-    def __init__(self, handle: Any, method: str = "complete") -> None:
-        self.handle = handle
-        self.method = method
-
-    async def complete(self, request: dict[str, Any]) -> dict[str, Any]:
-        return await getattr(self.handle, self.method).remote(request)
 
 
 class _Unwired:
@@ -54,8 +45,7 @@ class _Unwired:
 
 def _port(llm: Any, settings: AgentSettings) -> LLMPort:
     if llm is not None:
-        # A DeploymentHandle's methods have `.remote`; a plain port is awaited directly.
-        return _HandlePort(llm) if hasattr(getattr(llm, "complete", None), "remote") else llm
+        return llm
     if settings.llm_base_url:
         return OpenAICompatibleLLM(settings.llm_base_url, api_key_env=settings.llm_api_key_env,
                                    timeout_s=settings.llm_timeout_s)
@@ -89,8 +79,18 @@ async def _guarded(call: Awaitable[dict[str, Any]]) -> dict[str, Any]:
 
 @serve.deployment(name="AgentRunner", max_ongoing_requests=64)
 class AgentRunner:
-    def __init__(self, settings: dict[str, Any], llm: Any = None, retriever: Any = None) -> None:
+    def __init__(self, settings: dict[str, Any], llm: Any = None, retriever: Any = None,
+                 quota: Any = None, cache: Any = None, classifier: Any = None,
+                 remote: Any = None) -> None:
         agent_settings = AgentSettings.model_validate(settings.get("agent") or {})
+        if llm is None and quota is not None:
+            # The agent's LLM steps run through its own copy of the chat pipeline (routing,
+            # cache, accounting under the driving key): no call back into the Gateway.
+            stack = StackAppSettings.model_validate(settings)
+            pipeline = ServeChatPipeline(stack, quota=quota, cache=cache,
+                                         retriever=retriever, classifier=classifier,
+                                         remote=remote)
+            llm = PipelineLLMPort(pipeline, RequestLogger(stack.data_dir / "logs"))
         self.service = AgentService(agent_settings, resolve_data_dir(settings["data_dir"]),
                                     _port(llm, agent_settings), retrieve=_retrieve(retriever))
         try:

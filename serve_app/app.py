@@ -23,7 +23,6 @@ from deployments.quota import Quota
 from deployments.remote_llm import RemoteLLM
 from deployments.retriever import Retriever
 from deployments.semantic_cache import SemanticCache
-from serve_app.handles import GatewayLLMPort
 from serve_app.settings import ModelsAppSettings, StackAppSettings
 
 
@@ -34,11 +33,11 @@ def build_models_app(args: dict[str, Any]) -> Application:
 
 def build_app(args: dict[str, Any]) -> Application:
     settings = StackAppSettings.model_validate(args).model_dump(mode="json")
-    retriever = Retriever.bind(settings)
-    # The agent's LLM steps call back into the Gateway (routing + accounting); the
-    # Gateway is found by name at run time, so the graph stays acyclic.
-    agent = AgentRunner.bind(settings, llm=GatewayLLMPort(), retriever=retriever)
-    return Gateway.bind(settings, quota=Quota.bind(settings),
-                        cache=SemanticCache.bind(settings), retriever=retriever,
-                        classifier=ComplexityClassifier.bind(settings),
-                        remote=RemoteLLM.bind(settings), agent=agent)
+    services = {"quota": Quota.bind(settings), "cache": SemanticCache.bind(settings),
+                "retriever": Retriever.bind(settings),
+                "classifier": ComplexityClassifier.bind(settings),
+                "remote": RemoteLLM.bind(settings)}
+    # The Gateway and the AgentRunner each build the chat pipeline over the same services,
+    # so an agent's LLM steps never call back into the Gateway.
+    agent = AgentRunner.bind(settings, **services)
+    return Gateway.bind(settings, agent=agent, **services)

@@ -281,24 +281,3 @@ class AgentClient:
         return await call_handle(response, self.long_timeout_s if long else self.timeout_s,
                                  "The agent (GET the session for its state)",
                                  "agent_unavailable")
-
-
-class GatewayLLMPort:
-    """The agent's LLM port: each step goes through the Gateway's chat pipeline (routing,
-    cache, accounting), charged to the session's key. Picklable: the handle is resolved
-    in the AgentRunner replica (the Gateway of the same application)."""
-
-    def __init__(self, timeout_s: float = 300.0) -> None:
-        self.timeout_s = timeout_s
-        self._handle: LazyHandle | None = None
-
-    async def complete(self, request: dict[str, Any]) -> dict[str, Any]:
-        if self._handle is None:
-            self._handle = LazyHandle("Gateway", None)
-        metadata = request.get("metadata") or {}
-        result = await self._handle.call("agent_complete", request,
-                                         metadata.get("billing_key_id"),
-                                         timeout_s=self.timeout_s)
-        if is_error_payload(result):
-            raise ApiError.from_payload(result)
-        return result

@@ -6,7 +6,6 @@ an irreversible tool call, and not one their own run asked for unless their poli
 so. Every check is made in the AgentRunner from the principal passed here."""
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from fastapi import Request
@@ -15,8 +14,6 @@ from fastapi.responses import JSONResponse
 from deployments.gateway.fastapi_app import api_key_of, app
 from serve_app.errors import ApiError
 from serve_app.http_edge import context_of
-from serve_app.protocol import ChatCompletionRequest
-from serve_app.request_context import RequestContext
 
 PREFIX = "/v1/agent/sessions"
 
@@ -92,29 +89,6 @@ class AgentRoutes:
         """Recompute the audit log's hash chain; names the first broken row."""
         await self.require_admin(request)
         return await self.agent.call("verify_audit_chain")
-
-    async def agent_complete(self, request: dict[str, Any], key_id: str | None) -> dict[str, Any]:
-        """An agent step's LLM call (from AgentRunner): the chat pipeline, charged to the
-        session's key. Returns the completion (usage.cost_usd added) or an error payload."""
-        await self.models()
-        context = RequestContext(request_id=f"agent-{uuid.uuid4().hex}", route="/v1/agent/llm",
-                                 method="INTERNAL")
-        try:
-            body = ChatCompletionRequest.model_validate({**request, "stream": False})
-            outcome = await self.chat.handle(body, context, None, {}, key_id=key_id or None)
-            context.status = 200
-        except ApiError as error:
-            context.status = error.status
-            return error.to_payload()
-        except Exception as exc:  # validation of the runner's own request
-            context.status = 400
-            return ApiError(400, f"invalid agent LLM request: {type(exc).__name__}",
-                            code="invalid_request").to_payload()
-        finally:
-            self.finish_request(context)
-        result = dict(outcome.body or {})
-        result["usage"] = {**(result.get("usage") or {}), "cost_usd": context.cost_usd}
-        return result
 
 
 def _principal(caller: dict[str, Any]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from serve_app.errors import ApiError
 from serve_app.llm.prompt import template_messages
 from serve_app.llm.sampling import GenerationPlan, finish_reason, plan_generation
 from serve_app.llm.tool_calls import ToolCallFormat
-from serve_app.protocol import ChatCompletionRequest, new_completion_id, now
+from serve_app.protocol import ChatCompletionRequest, now
 from serve_app.settings import LocalLLMSettings
 
 logger = logging.getLogger(__name__)

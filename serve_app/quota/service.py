@@ -20,7 +20,6 @@ from serve_app.quota.alerts import WebhookNotifier, crossed_thresholds
 from serve_app.quota.budget import BudgetBook, period_bounds
 from serve_app.quota.ledger import UsageLedger, UsageRow
 from serve_app.quota.limits import KeyLimiter
-from serve_app.quota.pricing import Price
 
 ANONYMOUS = "anonymous"
 
