@@ -108,7 +108,8 @@ def test_sandboxed_python_runs_and_the_budget_stops_the_session(stack, scripted)
     scripted.script(tool_call("python", {"code": "print(6 * 7)"}),
                     tool_call("python", {"code": "print(1)"}),
                     tool_call("python", {"code": "print(2)"}), answer("never reached"))
-    session = new_session(stack, budgets={"max_tool_calls": 2})
+    # Only the tool budget binds here (at $1000/M tokens the default $0.50 is close).
+    session = new_session(stack, budgets={"max_tool_calls": 2, "max_usd": 5.0})
     result = say(stack, session["id"], "compute").json()
     assert result["status"] == "stopped" and result["stop"]["reason"] == "max_tool_calls"
     assert result["usage"]["tool_calls"] == 2
