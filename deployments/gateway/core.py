@@ -51,7 +51,15 @@ class Gateway(OpenAIRoutes, AdminRoutes, CacheRoutes, RagRoutes, AgentRoutes):
         register_edge_hooks(max_body_bytes=self.settings.gateway.max_body_bytes,
                             max_upload_bytes=self.settings.gateway.max_upload_bytes,
                             on_complete=self.finish_request,
-                            gate=AddressGate(self.settings.gateway.unauthenticated_per_minute))
+                            gate=self._address_gate())
+
+    def _address_gate(self) -> AddressGate | None:
+        """Only where keys are required: without them every request is 'unauthenticated'
+        and the gate would limit legitimate traffic."""
+        quota = self.settings.quota
+        if not (quota.enabled and quota.auth_required):
+            return None
+        return AddressGate(self.settings.gateway.unauthenticated_per_minute)
 
     async def models(self) -> dict[str, dict[str, Any]]:
         return await self.pipeline.models()

@@ -123,6 +123,10 @@ class LocalTargetSettings(_Strict):
     max_running_requests: int | None = Field(
         None, ge=1, description="LocalLLM counts as overloaded (skip, reason `overloaded`) "
         "above this many running requests; None: never skipped for load.")
+    prefer_after_refusal_s: float = Field(
+        30.0, ge=0, description="A provider that answered 429 or has an open breaker moves "
+        "behind the local target of its chains for its Retry-After, else this long; 0: "
+        "chains keep their configured order.")
 
     def cost_usd(self, prompt_tokens: int, completion_tokens: int) -> float:
         return token_cost_usd(prompt_tokens, completion_tokens, self.price_in_per_mtok,

@@ -80,7 +80,8 @@ class GatewayRouter:
                                    provider_default_max_tokens=provider_default_max_tokens,
                                    local_load=local_load if local_load is not None else LocalLoad(
                                        settings.local.max_running_requests),
-                                   health=health or ProviderHealth())
+                                   health=health or ProviderHealth(
+                                       settings.local.prefer_after_refusal_s))
 
     # ------------------------------------------------------------------ names and prices
     def resolve(self, model: str) -> RouteRequest | None:

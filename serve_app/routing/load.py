@@ -74,6 +74,8 @@ class ProviderHealth:
         self._until: dict[str, float] = {}
 
     def refused(self, provider: str, retry_after_s: float | None = None) -> None:
+        if self.cooldown_s <= 0:  # preference off: chains keep their order
+            return
         wait = retry_after_s if retry_after_s and retry_after_s > 0 else self.cooldown_s
         self._until[provider] = self.clock() + min(wait, 10 * self.cooldown_s)
 

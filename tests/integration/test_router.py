@@ -43,6 +43,8 @@ def stack(cluster, tmp_path_factory, providers):
     cluster.deploy_stack(data_dir, {
         "cache": {"enabled": False},
         "router": {
+            # Each fault test expects the configured chain order (no local preference).
+            "local": {"prefer_after_refusal_s": 0},
             "providers": [
                 {"name": "fake-mini", "base_url": providers["mini"].base_url, "model": MINI,
                  "price_in_per_mtok": MINI_PRICE[0], "price_out_per_mtok": MINI_PRICE[1],
