@@ -27,7 +27,10 @@ def stack(cluster, tmp_path_factory):
          "router": {"local": {"price_in_per_mtok": PRICE_PER_TOKEN * 1e6,
                               "price_out_per_mtok": PRICE_PER_TOKEN * 1e6}},
          "gateway": {"unauthenticated_per_minute": 40, "readiness_cache_s": 5},
-         "cache": {"enabled": False}})
+         "cache": {"enabled": False}},
+        # One Gateway replica: the per-address gate is per replica, and a burst must not
+        # autoscale the gateway in the middle of an exact count.
+        deployments={"Gateway": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}}})
     cluster.data_dir = data_dir
     return cluster
 
