@@ -83,6 +83,7 @@ class AgentRunner:
                  quota: Any = None, cache: Any = None, classifier: Any = None,
                  remote: Any = None) -> None:
         agent_settings = AgentSettings.model_validate(settings.get("agent") or {})
+        self._pipeline: ServeChatPipeline | None = None
         if llm is None and quota is not None:
             # The agent's LLM steps run through its own copy of the chat pipeline (routing,
             # cache, accounting under the driving key): no call back into the Gateway.
@@ -91,12 +92,18 @@ class AgentRunner:
                                          retriever=retriever, classifier=classifier,
                                          remote=remote)
             llm = PipelineLLMPort(pipeline, RequestLogger(stack.data_dir / "logs"))
+            self._pipeline = pipeline
         self.service = AgentService(agent_settings, resolve_data_dir(settings["data_dir"]),
                                     _port(llm, agent_settings), retrieve=_retrieve(retriever))
         try:
             self.service.sandbox.check()
         except SandboxUnavailable as error:  # the python tool will answer with this reason
             logger.warning("agent sandbox unavailable: %s", error)
+
+    async def __del__(self) -> None:
+        """Graceful shutdown: usage rows of the sessions' LLM steps finish being written."""
+        if self._pipeline is not None:
+            await self._pipeline.drain()
 
     async def create_session(self, body: dict[str, Any], owner: str | None,
                              principal: dict[str, Any] | None = None) -> dict[str, Any]:

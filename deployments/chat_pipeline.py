@@ -120,6 +120,11 @@ class ServeChatPipeline:
     def _observe_ttft(self, model: str, seconds: float) -> None:
         self.metrics.ttft.observe(seconds, tags={"gen_ai_request_model": model})
 
+    async def drain(self) -> None:
+        """Wait for settlements (and cache stores) still in flight."""
+        if self._service is not None:
+            await self._service.drain()
+
     def settle_leftover(self, context: RequestContext) -> None:
         """Admitted but never settled (a stream its client left before it started):
         settled here, so no reservation leaks and no row is lost."""

@@ -94,6 +94,11 @@ class Gateway(OpenAIRoutes, AdminRoutes, CacheRoutes, RagRoutes, AgentRoutes):
             return {"ready": False, "reason": error.message}
         return {"ready": True, "model": probe["model"]}
 
+    async def __del__(self) -> None:
+        """Serve calls this on graceful shutdown (downscaling, redeploys): usage rows and
+        releases still being written finish before the replica goes."""
+        await self.pipeline.drain()
+
     def finish_request(self, context: RequestContext) -> None:
         self.pipeline.settle_leftover(context)
         route = context.route if context.route.startswith(("/v1/", "/admin/")) else "other"
