@@ -16,6 +16,7 @@ that fails early gets a proper status code instead of a broken stream.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping
@@ -409,7 +410,10 @@ class ChatService:
         """Work no caller may cancel (settlement) or need wait for (cache stores): kept
         referenced until done; failures are logged (and, unless quiet, re-raised to an
         awaiting caller)."""
-        task = asyncio.ensure_future(work)
+        # A fresh context: Ray Serve cancels the handle calls an ingress request made
+        # when that request is cancelled (its client left); settlement must not be one of
+        # them. Nothing else of the request's context is needed here.
+        task = asyncio.get_running_loop().create_task(work, context=contextvars.Context())
         self._tasks.add(task)
 
         def done(finished: asyncio.Future[Any]) -> None:

@@ -215,7 +215,9 @@ def test_stream_disconnects_at_every_stage_lose_no_row(stack, leave_after_lines)
             await asyncio.gather(*(one(client) for _ in range(count)))
 
     asyncio.run(run())
-    wait_for(lambda: len(usage_rows(stack, tenant_id=tenant)) == count)
+    wait_for(lambda: len(usage_rows(stack, tenant_id=tenant)) == count,
+             describe=lambda: [(r["status"], r["error_code"]) for r in
+                               usage_rows(stack, tenant_id=tenant)])
     wait_for(lambda: budget(stack, created["key_id"])["reserved_usd"] == 0,
              describe=lambda: (budget(stack, created["key_id"]), [
                  (r["status"], r["error_code"], r["tokens_in"], r["tokens_out"], r["cost_usd"])

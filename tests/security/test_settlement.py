@@ -129,3 +129,27 @@ async def test_missing_or_malformed_keys_never_reach_accounting() -> None:
             await service.handle(chat(), context(), key)
         assert caught.value.status == 401
     assert accounting.admitted == [] and accounting.rows == []
+
+
+async def test_settlement_runs_outside_the_request_context() -> None:
+    """Ray Serve cancels the handle calls an ingress request made once that request is
+    cancelled (its client left), finding them through the request's context variables.
+    The usage row is written from a fresh context, so it is never one of them."""
+    import contextvars
+
+    request_scope: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+        "request_scope", default=None)
+    seen: list[str | None] = []
+    accounting = FakeAccounting()
+    original = accounting.settle
+
+    async def settle(row):
+        seen.append(request_scope.get())
+        await original(row)
+
+    accounting.settle = settle
+    service, accounting, _, _ = make_service(accounting=accounting)
+    request_scope.set("the client's request")
+    await service.handle(chat(), context(), "sk-aaaaaaaaaaaa_" + "b" * 32)
+    await settled(service)
+    assert seen == [None] and len(accounting.rows) == 1
