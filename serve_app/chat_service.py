@@ -29,7 +29,7 @@ from serve_app.cache.replay import completion_from_chunks
 from serve_app.cache_stage import CacheStage, CacheStep, cache_headers, replay
 from serve_app.errors import ApiError, is_error_payload
 from serve_app.protocol import ChatCompletionRequest
-from serve_app.quota.service import ANONYMOUS
+from serve_app.quota.service import ANONYMOUS, AUTH_MESSAGES
 from serve_app.rag.config import RagSettings
 from serve_app.rag.prompting import RagContext, apply_rag, resolve_rag_options
 from serve_app.request_context import RequestContext, redact_prompt
@@ -456,13 +456,14 @@ class ChatService:
 def _refuse_unusable_key(api_key: str | None, auth_required: bool) -> None:
     """A missing or malformed key is refused here, without a call to the Quota service
     (the same answers it would give)."""
+    reason = None
     if api_key is None:
-        if auth_required:
-            raise ApiError(401, "No API key provided. Send 'Authorization: Bearer sk-...'.",
-                           code="missing_api_key")
-        return
-    if parse_key_id(api_key) is None:
-        raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+        reason = "missing" if auth_required else None
+    elif parse_key_id(api_key) is None:
+        reason = "unknown"
+    if reason is not None:
+        message, code = AUTH_MESSAGES[reason]
+        raise ApiError(401, message, code=code)
 
 
 def _reusable_vector(step: CacheStep | None, text: str) -> list[float] | None:

@@ -271,13 +271,7 @@ class AgentClient:
         self.long_timeout_s = long_timeout_s
 
     async def call(self, method: str, *args: Any, long: bool = False) -> Any:
-        if method == "confirm":
-            session_id, call_id, body, confirmer, may_confirm, owner = args
-            response = self.handle.confirm.remote(session_id, call_id, body,
-                                                  confirmer=confirmer,
-                                                  may_confirm=may_confirm, owner=owner)
-        else:
-            response = getattr(self.handle, method).remote(*args)
+        response = getattr(self.handle, method).remote(*args)
         return await call_handle(response, self.long_timeout_s if long else self.timeout_s,
                                  "The agent (GET the session for its state)",
                                  "agent_unavailable")

@@ -23,7 +23,7 @@ from serve_app.quota.limits import KeyLimiter
 
 ANONYMOUS = "anonymous"
 
-_AUTH_MESSAGES = {
+AUTH_MESSAGES = {
     "missing": ("No API key provided. Send 'Authorization: Bearer sk-...'.", "missing_api_key"),
     "unknown": ("Incorrect API key provided.", "invalid_api_key"),
     "disabled": ("This API key has been disabled.", "key_disabled"),
@@ -90,7 +90,7 @@ class QuotaService:
             if record.disabled or (record.expires_at is not None
                                    and self.clock() >= record.expires_at):
                 reason = "disabled" if record.disabled else "expired"
-                message, code = _AUTH_MESSAGES[reason]
+                message, code = AUTH_MESSAGES[reason]
                 raise ApiError(401, message, code=code)
             return record
         if not api_key and not self.policy.auth_required:
@@ -98,7 +98,7 @@ class QuotaService:
         try:
             return self.accounts.authenticate(api_key, self.clock())
         except AuthFailure as failure:
-            message, code = _AUTH_MESSAGES[failure.reason]
+            message, code = AUTH_MESSAGES[failure.reason]
             raise ApiError(401, message, code=code) from None
 
     def admit(self, *, api_key: str | None, model: str, model_known: bool, tokens: int,

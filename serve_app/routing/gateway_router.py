@@ -104,15 +104,6 @@ class GatewayRouter:
         return Price(input_per_mtok=pricing.price_in_per_mtok,
                      output_per_mtok=pricing.price_out_per_mtok)
 
-    def worst_price(self, route: RouteRequest) -> Price:
-        """The dearest target the request may end up on: what the budget reserves."""
-        prices = [self.price(t) for t in self._candidate_targets(route)
-                  if t == LOCAL_TARGET or self.settings.target_available(t, self.environ)]
-        if not prices:
-            return Price()
-        return Price(input_per_mtok=max(p.input_per_mtok for p in prices),
-                     output_per_mtok=max(p.output_per_mtok for p in prices))
-
     def worst_case(self, route: RouteRequest, request: ChatCompletionRequest) -> WorstCase:
         """Count the prompt as each reachable target would (its tokenizer), cap the output
         as that target will be capped, times `n`; the maximum over targets."""
