@@ -11,20 +11,15 @@ import pytest
 
 from deployments.agent_runner import AgentRunner
 from serve_app.errors import ApiError, is_error_payload
-from tests.support.agent_env import principal, recording_target, scripted_model, service
+from tests.support.agent_env import (agent_service, principal, recording_target, scripted_model,
+                                     service)
 from tests.support.scripted_model import answer, tool_call
 
-__all__ = ["recording_target", "scripted_model"]  # fixtures used by this module
+__all__ = ["agent_service", "recording_target", "scripted_model"]  # fixtures used by this module
 
 CREATOR = principal("key-creator", can_confirm=True)
 OPERATOR = principal("key-operator", can_confirm=True)
 
-
-@pytest.fixture
-def agent(tmp_path, scripted_model):
-    svc = service(tmp_path, scripted_model)
-    yield svc
-    svc.close()
 
 
 def workspace_of(tmp_path: Path, session_id: str) -> Path:

@@ -6,22 +6,16 @@ from __future__ import annotations
 import pytest
 
 from serve_app.errors import ApiError
-from tests.support.agent_env import principal, scripted_model, service
+from tests.support.agent_env import agent_service, principal, scripted_model
 from tests.support.scripted_model import answer, tool_call
 
-__all__ = ["scripted_model"]
+__all__ = ["agent_service", "scripted_model"]
 
 ALICE = principal("key-alice")
 BOB = principal("key-bob")  # same tenant, no rights until granted
 MALLORY = principal("key-mallory", tenant="t2")
 OPERATOR = principal("key-operator", can_confirm=True)
 
-
-@pytest.fixture
-def agent(tmp_path, scripted_model):
-    svc = service(tmp_path, scripted_model)
-    yield svc
-    svc.close()
 
 
 def billed_keys(model) -> list[str | None]:

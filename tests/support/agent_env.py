@@ -57,6 +57,14 @@ def scripted_model() -> Iterator[ScriptedModel]:
     server.stop()
 
 
+@pytest.fixture(name="agent")
+def agent_service(tmp_path: Path, scripted_model: ScriptedModel) -> Iterator[AgentService]:
+    """An AgentService over the module's scripted model, closed after the test."""
+    svc = service(tmp_path, scripted_model)
+    yield svc
+    svc.close()
+
+
 @pytest.fixture(scope="module")
 def recording_target() -> Iterator[RecordingTarget]:
     server = RecordingTarget().start()
