@@ -67,8 +67,11 @@ class GatewayRouter:
         self.local_default_max_tokens = local_default_max_tokens
         self.provider_default_max_tokens = provider_default_max_tokens
         self.local_counter = local_counter or LocalCounter()
+        # One counter per tokenizer kind, shared by the providers that use it, so a prompt
+        # is counted once per kind (worst_case memoises by counter).
+        kinds = {kind: COUNTERS[kind]() for kind in {p.tokenizer for p in settings.providers}}
         self.counters: dict[str, PromptCounter] = {
-            provider.name: COUNTERS[provider.tokenizer]() for provider in settings.providers}
+            provider.name: kinds[provider.tokenizer] for provider in settings.providers}
         self.environ = environ
         self.classify = classify
         self.embed = embed
@@ -109,16 +112,17 @@ class GatewayRouter:
         as that target will be capped, times `n`; the maximum over targets."""
         tokens, cost, prompt_max = 0, 0.0, 0
         asked = request.output_token_limit()
+        counted: dict[int, int] = {}  # id(counter) -> this prompt's count
         for target in self._candidate_targets(route):
             if target != LOCAL_TARGET and not self.settings.target_available(target,
                                                                              self.environ):
                 continue  # skipped with no_key before any call
-            if target == LOCAL_TARGET:
-                prompt = self.local_counter.count(request)
-                output = asked or self.local_default_max_tokens
-            else:
-                prompt = self.counters[target].count(request)
-                output = asked or self.provider_default_max_tokens
+            counter = self.local_counter if target == LOCAL_TARGET else self.counters[target]
+            if id(counter) not in counted:
+                counted[id(counter)] = counter.count(request)
+            prompt = counted[id(counter)]
+            output = asked or (self.local_default_max_tokens if target == LOCAL_TARGET
+                               else self.provider_default_max_tokens)
             output *= request.n
             prompt_max = max(prompt_max, prompt)
             tokens = max(tokens, prompt + output)

@@ -244,3 +244,20 @@ def test_every_quota_method_runs_on_the_event_loop() -> None:
               if callable(member) and not name.startswith("_")]
     assert "admit" in public and "settle" in public
     assert [name for name in public if not inspect.iscoroutinefunction(getattr(cls, name))] == []
+
+
+def test_a_prompt_is_counted_once_per_tokenizer_kind() -> None:
+    settings = RouterSettings.model_validate({
+        "providers": [{"name": n, "base_url": "http://127.0.0.1:9/v1", "model": f"{n}-m",
+                       "api_key_env": "PAID_KEY"} for n in ("a", "b", "c")],
+        "tiers": {"small": ["a", "b", "local"], "medium": ["b", "c", "local"],
+                  "large": ["c", "a", "local"]}})
+    service, *_ = make_service(router_settings=settings, environ={"PAID_KEY": "x"})
+    router = service.router
+    counter = router.counters["a"]
+    assert router.counters["b"] is counter and router.counters["c"] is counter
+    calls = []
+    original = counter.count
+    counter.count = lambda request: calls.append(1) or original(request)
+    router.worst_case(router.resolve("auto"), request(model="auto"))
+    assert len(calls) == 1
