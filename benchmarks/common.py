@@ -52,7 +52,7 @@ def start_stack(stack_args: dict[str, Any] | None = None,
 
     import httpx
 
-    from serve_app.local_cluster import LocalStack
+    from deployments.local_cluster import LocalStack
 
     os.environ["LLMSTACK_ADMIN_KEY"] = BENCH_ADMIN_KEY
     stack = LocalStack()

@@ -116,7 +116,7 @@ def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None,
 
 
 def _free_port() -> int:
-    from serve_app.local_cluster import free_port
+    from deployments.local_cluster import free_port
 
     return free_port()
 
@@ -186,7 +186,7 @@ def _pin_single_replicas(config: dict[str, Any]) -> None:
 
 
 def start_gateway(stub_url: str, data_dir: Path) -> tuple[Any, dict[str, str]]:
-    from serve_app.local_cluster import LocalStack
+    from deployments.local_cluster import LocalStack
 
     # The provider key must be in the environment of every Ray process (workers inherit
     # it from this driver), never in a runtime_env.

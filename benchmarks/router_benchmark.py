@@ -41,15 +41,15 @@ import numpy as np
 from benchmarks.common import RESULTS_DIR, median, percentile, write_result
 from serve_app.routing.classifier import ComplexityModel
 from serve_app.routing.config import TIERS, RouterSettings
-from serve_app.routing.dataset import LabeledPrompt, load_all, split_fingerprint
-from serve_app.routing.embedding_cache import EmbeddingCache, cache_dir
+from training.router_data import LabeledPrompt, load_all, split_fingerprint
+from training.embedding_cache import EmbeddingCache, cache_dir
 from serve_app.routing.policy import (
     CalibrationData,
     calibrate,
     pareto_front,
     threshold_grid,
 )
-from serve_app.routing.train import (
+from training.train_router import (
     DEFAULT_DATA_DIR,
     DEFAULT_OUT,
     EMBEDDING_MODEL,

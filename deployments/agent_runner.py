@@ -3,7 +3,8 @@ Thin shell over serve_app.agent.runner.AgentService; every method returns a JSON
 or an `ApiError` payload (never raises across the handle).
 
 Arguments (bound in the app builder):
-- settings: the stack settings dict; `data_dir`, and the `agent` section (AgentSettings).
+- settings: the stack settings (validated once in the app builder; a dict is validated
+  here); `data_dir` and the `agent` section are used.
 - llm: optional object with `async complete(request_dict) -> completion dict` or a
   DeploymentHandle with a `complete` method (the chat routing/accounting path). Without it,
   `agent.llm_base_url` (an OpenAI-compatible server) is used.
@@ -30,9 +31,9 @@ from serve_app.agent.protocol import (ConfirmRequest, CreateSessionRequest, Gran
                                       PostMessageRequest, parse)
 from serve_app.agent.runner import AgentService
 from serve_app.agent.sandbox import SandboxUnavailable
-from serve_app.errors import ApiError, is_error_payload
-from serve_app.request_context import RequestLogger
-from serve_app.settings import StackAppSettings, resolve_data_dir
+from serve_app.errors import ApiError, error_boundary, is_error_payload
+from serve_app.gateway.request_context import RequestLogger
+from serve_app.settings import StackAppSettings
 
 logger = logging.getLogger(__name__)
 
@@ -70,30 +71,22 @@ def _retrieve(retriever: Any) -> Callable[..., Awaitable[list[dict[str, Any]]]] 
     return search
 
 
-async def _guarded(call: Awaitable[dict[str, Any]]) -> dict[str, Any]:
-    try:
-        return await call
-    except ApiError as error:
-        return error.to_payload()
-
-
 @serve.deployment(name="AgentRunner", max_ongoing_requests=64)
+@error_boundary("agent", code="agent_error", status=500)
 class AgentRunner:
     def __init__(self, settings: dict[str, Any], llm: Any = None, retriever: Any = None,
-                 quota: Any = None, cache: Any = None, classifier: Any = None,
-                 remote: Any = None) -> None:
-        agent_settings = AgentSettings.model_validate(settings.get("agent") or {})
+                 quota: Any = None, cache: Any = None, classifier: Any = None) -> None:
+        stack = StackAppSettings.model_validate(settings)
+        agent_settings = stack.agent
         self._pipeline: ServeChatPipeline | None = None
         if llm is None and quota is not None:
             # The agent's LLM steps run through its own copy of the chat pipeline (routing,
             # cache, accounting under the driving key): no call back into the Gateway.
-            stack = StackAppSettings.model_validate(settings)
             pipeline = ServeChatPipeline(stack, quota=quota, cache=cache,
-                                         retriever=retriever, classifier=classifier,
-                                         remote=remote)
+                                         retriever=retriever, classifier=classifier)
             llm = PipelineLLMPort(pipeline, RequestLogger(stack.data_dir / "logs"))
             self._pipeline = pipeline
-        self.service = AgentService(agent_settings, resolve_data_dir(settings["data_dir"]),
+        self.service = AgentService(agent_settings, stack.data_dir,
                                     _port(llm, agent_settings), retrieve=_retrieve(retriever))
         try:
             self.service.sandbox.check()
@@ -107,45 +100,35 @@ class AgentRunner:
 
     async def create_session(self, body: dict[str, Any], owner: str | None,
                              principal: dict[str, Any] | None = None) -> dict[str, Any]:
-        async def run() -> dict[str, Any]:
-            request = parse(CreateSessionRequest, body)
-            return await self.service.create_session(
-                owner=owner, principal=Principal.from_wire(principal), **request.model_dump())
-        return await _guarded(run())
+        request = parse(CreateSessionRequest, body)
+        return await self.service.create_session(
+            owner=owner, principal=Principal.from_wire(principal), **request.model_dump())
 
     async def post_message(self, session_id: str, body: dict[str, Any], owner: str | None,
                            principal: dict[str, Any] | None = None) -> dict[str, Any]:
-        async def run() -> dict[str, Any]:
-            request = parse(PostMessageRequest, body)
-            return await self.service.post_message(session_id, request.content, owner=owner,
-                                                   principal=Principal.from_wire(principal))
-        return await _guarded(run())
+        request = parse(PostMessageRequest, body)
+        return await self.service.post_message(session_id, request.content, owner=owner,
+                                               principal=Principal.from_wire(principal))
 
     async def get(self, session_id: str, owner: str | None,
                   principal: dict[str, Any] | None = None) -> dict[str, Any]:
-        async def run() -> dict[str, Any]:
-            return await self.service.get(session_id, owner=owner,
-                                          principal=Principal.from_wire(principal))
-        return await _guarded(run())
+        return await self.service.get(session_id, owner=owner,
+                                      principal=Principal.from_wire(principal))
 
     async def audit(self, session_id: str, owner: str | None,
                     principal: dict[str, Any] | None = None) -> dict[str, Any]:
-        async def run() -> dict[str, Any]:
-            return await self.service.audit(session_id, owner=owner,
-                                            principal=Principal.from_wire(principal))
-        return await _guarded(run())
+        return await self.service.audit(session_id, owner=owner,
+                                        principal=Principal.from_wire(principal))
 
     async def confirm(self, session_id: str, call_id: str, body: dict[str, Any], *,
                       confirmer: str | None = None, may_confirm: bool = False,
                       owner: str | None = None,
                       principal: dict[str, Any] | None = None) -> dict[str, Any]:
-        async def run() -> dict[str, Any]:
-            request = parse(ConfirmRequest, body)
-            return await self.service.confirm(session_id, call_id, approve=request.approve,
-                                              confirmer=confirmer, may_confirm=may_confirm,
-                                              owner=owner,
-                                              principal=Principal.from_wire(principal))
-        return await _guarded(run())
+        request = parse(ConfirmRequest, body)
+        return await self.service.confirm(session_id, call_id, approve=request.approve,
+                                          confirmer=confirmer, may_confirm=may_confirm,
+                                          owner=owner,
+                                          principal=Principal.from_wire(principal))
 
     async def confirm_call(self, session_id: str, call_id: str, body: dict[str, Any],
                            principal: dict[str, Any]) -> dict[str, Any]:
@@ -154,18 +137,14 @@ class AgentRunner:
 
     async def grant(self, session_id: str, body: dict[str, Any],
                     principal: dict[str, Any]) -> dict[str, Any]:
-        async def run() -> dict[str, Any]:
-            request = parse(GrantRequest, body)
-            return await self.service.grant(session_id, request.key_id, request.right,
-                                            principal=Principal.from_wire(principal))
-        return await _guarded(run())
+        request = parse(GrantRequest, body)
+        return await self.service.grant(session_id, request.key_id, request.right,
+                                        principal=Principal.from_wire(principal))
 
     async def delete(self, session_id: str, owner: str | None,
                      principal: dict[str, Any] | None = None) -> dict[str, Any]:
-        async def run() -> dict[str, Any]:
-            return await self.service.delete(session_id, owner=owner,
-                                             principal=Principal.from_wire(principal))
-        return await _guarded(run())
+        return await self.service.delete(session_id, owner=owner,
+                                         principal=Principal.from_wire(principal))
 
     def verify_audit_chain(self) -> dict[str, Any]:
         broken = self.service.verify_audit_chain()

@@ -1,7 +1,7 @@
 """The chat pipeline over deployment handles, for every deployment that runs it.
 
 The Gateway (HTTP requests) and the AgentRunner (its sessions' LLM steps) each build the
-same pipeline (`serve_app.chat_builder.build_chat_service`) with ports over the same
+same pipeline (`serve_app.gateway.builder.build_chat_service`) with ports over the same
 deployments, so an agent step no longer calls back into the Gateway. Ray code; the
 pipeline itself is Ray-free.
 """
@@ -13,23 +13,24 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from serve_app.chat_builder import ChatPorts, build_chat_service, local_info_defaults
-from serve_app.chat_service import ChatService
+from serve_app.gateway.builder import ChatPorts, build_chat_service, local_info_defaults
+from serve_app.gateway.chat_service import ChatService
 from serve_app.errors import ApiError
-from serve_app.handles import (
+from deployments.handles import (
     CacheClient,
     LazyHandle,
     LocalLLMClient,
     QuotaClient,
-    RemoteClient,
     RetrieverClient,
+    call_handle,
 )
 from serve_app.llm.prompt import LocalPromptTokenizer
 from serve_app.llm.token_count import LocalCounter
-from serve_app.metrics import serve_metrics
+from deployments.metrics import serve_metrics
 from serve_app.protocol import ChatCompletionRequest
-from serve_app.request_context import RequestContext, RequestLogger, new_request_id
+from serve_app.gateway.request_context import RequestContext, RequestLogger, new_request_id
 from serve_app.routing.chains import TargetCalls
+from serve_app.routing.remote import RemoteProviders
 from serve_app.routing.load import LocalLoad
 from serve_app.settings import StackAppSettings
 
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 class ServeChatPipeline:
     def __init__(self, settings: StackAppSettings, *, quota: Any, cache: Any, retriever: Any,
-                 classifier: Any, remote: Any) -> None:
+                 classifier: Any) -> None:
         self.settings = settings
         gateway = settings.gateway
         self.llm = LazyHandle("LocalLLM", settings.models_app)
@@ -48,7 +49,10 @@ class ServeChatPipeline:
         self.retriever = RetrieverClient(retriever, timeout_s=gateway.request_timeout_s,
                                          ingest_timeout_s=gateway.ingest_timeout_s)
         self.classifier = classifier
-        self.remote = RemoteClient(remote, timeout_s=gateway.request_timeout_s)
+        # API providers are called from this process (see serve_app/routing/remote.py).
+        self.providers = RemoteProviders(settings.router)
+        for note in settings.router.offline_notes():
+            logger.warning(note)
         self.metrics = serve_metrics()
         self.local_counter = LocalCounter()
         self.model_info: dict[str, dict[str, Any]] = {}
@@ -73,7 +77,7 @@ class ServeChatPipeline:
             local = LocalLLMClient(self.llm, self.settings.gateway.request_timeout_s)
             ports = ChatPorts(
                 local=TargetCalls(local.complete, local.stream),
-                remote=self.remote.target_calls, classify=self.classify, embed=self.embed,
+                remote=self._provider_calls, classify=self.classify, embed=self.embed,
                 accounting=self.quota, cache=self.cache, retriever=self.retriever,
                 local_counter=self.local_counter,
                 local_load=LocalLoad(self.settings.router.local.max_running_requests,
@@ -102,10 +106,13 @@ class ServeChatPipeline:
 
     async def classify(self, text: str, vector: list[float],
                        thresholds: dict[str, float] | None) -> dict[str, Any]:
-        try:
-            return await self.classifier.classify.remote(text, vector, thresholds)
-        except Exception as exc:  # the router falls back to a safe tier
-            raise ApiError(503, "classifier unavailable", code="classifier_unavailable") from exc
+        # A failure is an ApiError; the router then falls back to a safe tier.
+        return await call_handle(self.classifier.classify.remote(text, vector, thresholds),
+                                 self.settings.gateway.request_timeout_s,
+                                 "The router classifier", "classifier_unavailable")
+
+    def _provider_calls(self, provider: str) -> TargetCalls:
+        return self.providers.target_calls(provider, self.settings.gateway.request_timeout_s)
 
     async def _local_running(self) -> int:
         """Requests running in a LocalLLM replica's engine (load-aware routing polls it)."""
@@ -124,6 +131,7 @@ class ServeChatPipeline:
         """Wait for settlements (and cache stores) still in flight."""
         if self._service is not None:
             await self._service.drain()
+        await self.providers.aclose()
 
     def settle_leftover(self, context: RequestContext) -> None:
         """Admitted but never settled (a stream its client left before it started):

@@ -1,6 +1,6 @@
 """ComplexityClassifier: prompt (text + embedding) -> complexity score and tier.
 Thin shell over serve_app.routing.classifier; the model file is trained by
-`python -m serve_app.routing.train` (`make run` does it when the file is missing)."""
+`make train-router`; the repository ships it (models/router/complexity-v1.json)."""
 from __future__ import annotations
 
 import logging
@@ -8,22 +8,24 @@ from typing import Any
 
 from ray import serve
 
+from serve_app.errors import error_boundary
 from serve_app.routing.classifier import ClassifierService, ComplexityModel
-from serve_app.routing.config import RouterSettings
 from serve_app.routing.policy import RoutingPolicy, Thresholds, calibrate
-from serve_app.settings import resolve_data_dir
+from serve_app.settings import StackAppSettings
 
 logger = logging.getLogger("ray.serve")
 
 
 @serve.deployment(name="ComplexityClassifier", max_ongoing_requests=256)
+@error_boundary("router classifier", code="classifier_unavailable")
 class ComplexityClassifier:
     def __init__(self, settings: dict[str, Any]) -> None:
         from threadpoolctl import threadpool_limits
 
         threadpool_limits(1)  # tiny matrix products: BLAS threads only add contention
-        router = RouterSettings.model_validate(settings.get("router", {}))
-        path = router.classifier.resolved(resolve_data_dir(settings.get("data_dir", "var")))
+        stack = StackAppSettings.model_validate(settings)
+        router = stack.router
+        path = router.classifier.resolved(stack.data_dir)
         prices = router.tier_prices()
 
         def thresholds_for(model: ComplexityModel) -> Thresholds:

@@ -6,11 +6,13 @@ from typing import Any
 
 from ray import serve
 
+from serve_app.errors import error_boundary
 from serve_app.embedding import TextEmbedder
 from serve_app.settings import ModelsAppSettings
 
 
 @serve.deployment(name="Embedder", max_ongoing_requests=256)
+@error_boundary("embedder", code="embedder_unavailable")
 class Embedder:
     def __init__(self, settings: dict[str, Any]) -> None:
         parsed = ModelsAppSettings.model_validate(settings).embedder

@@ -8,6 +8,7 @@ from typing import Any
 
 from ray import serve
 
+from serve_app.errors import error_boundary
 from serve_app.llm.prompt import read_tokenizer_files
 from serve_app.llm.vllm_engine import VLLMChatEngine
 from serve_app.model_prep import default_model_dir, ensure_default_model
@@ -28,6 +29,7 @@ def _model_path(settings: ModelsAppSettings) -> str:
 
 @serve.deployment(name="LocalLLM", max_ongoing_requests=64, health_check_period_s=5,
                   health_check_timeout_s=30, graceful_shutdown_timeout_s=10)
+@error_boundary("local model", code="engine_unavailable")
 class LocalLLM:
     def __init__(self, settings: dict[str, Any]) -> None:
         parsed = ModelsAppSettings.model_validate(settings)

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ray import serve
 
 from serve_app.accounts.store import AccountStore
-from serve_app.errors import ApiError
+from serve_app.errors import ApiError, error_boundary
 from serve_app.quota.alerts import WebhookNotifier
 from serve_app.quota.ledger import UsageLedger, UsageRow
 from serve_app.quota.service import QuotaPolicy, QuotaService
@@ -65,26 +64,18 @@ def _log_alert(payload: dict[str, Any]) -> None:
     alert_logger.warning(json.dumps(payload))
 
 
-def _payload_errors(call: Callable[[], Any]) -> Any:
-    try:
-        return call()
-    except ApiError as error:
-        return error.to_payload()
-    except KeyError as error:
-        return ApiError(404, f"not found: {error.args[0]}", code="not_found").to_payload()
-    except ValueError as error:
-        return ApiError(400, str(error), code="invalid_value").to_payload()
+def _not_found(error: Exception) -> ApiError:
+    return ApiError(404, f"not found: {error.args[0]}", code="not_found")
 
 
-async def _payload_errors_async(call: Callable[[], Awaitable[Any]]) -> Any:
-    try:
-        return await call()
-    except ApiError as error:
-        return error.to_payload()
+def _invalid_value(error: Exception) -> ApiError:
+    return ApiError(400, str(error), code="invalid_value")
 
 
 @serve.deployment(name="Quota", num_replicas=1, max_ongoing_requests=2000,
                   ray_actor_options={"num_cpus": 0.1})
+@error_boundary("quota service", code="quota_unavailable",
+                mapped={KeyError: _not_found, ValueError: _invalid_value})
 class Quota:
     def __init__(self, settings: dict[str, Any]) -> None:
         parsed = StackAppSettings.model_validate(settings)
@@ -116,56 +107,46 @@ class Quota:
     # ---------------------------------------------------------------- request path
     async def admit(self, api_key: str | None, model: str, model_known: bool, tokens: int,
                     cost_usd: float, request_id: str, key_id: str | None = None) -> Any:
-        return _payload_errors(lambda: self.service.admit(
+        return self.service.admit(
             api_key=api_key, model=model, model_known=model_known, tokens=tokens,
-            cost_usd=cost_usd, request_id=request_id, key_id=key_id))
+            cost_usd=cost_usd, request_id=request_id, key_id=key_id)
 
     async def extend(self, request_id: str, tokens: int, cost_usd: float) -> Any:
-        return _payload_errors(lambda: self.service.extend(request_id, tokens, cost_usd))
+        return self.service.extend(request_id, tokens, cost_usd)
 
-    async def authenticate(self, api_key: str | None) -> Any:
-        def run() -> dict[str, Any]:
-            record = self.service.authenticate(api_key)
-            return {"tenant_id": record.tenant_id, "key_id": record.key_id,
-                    "can_confirm": record.can_confirm,
-                    "can_self_confirm": record.can_self_confirm} if record else {
-                "tenant_id": "anonymous", "key_id": "anonymous", "can_confirm": False,
-                "can_self_confirm": False}
-        return _payload_errors(run)
+    async def caller(self, api_key: str | None, check_keys: bool = True) -> Any:
+        return self.service.caller(api_key, check_keys)
 
     async def settle(self, row: dict[str, Any]) -> Any:
-        return await _payload_errors_async(lambda: self.service.settle(UsageRow(**row)))
+        return await self.service.settle(UsageRow(**row))
 
     # ---------------------------------------------------------------- admin
-    async def is_admin(self, token: str | None) -> bool:
-        return self.service.is_admin(token)
-
     async def create_key(self, tenant_id: str, fields: dict[str, Any]) -> Any:
-        return _payload_errors(lambda: self.service.create_key(tenant_id, **fields))
+        return self.service.create_key(tenant_id, **fields)
 
     async def list_keys(self, tenant_id: str | None) -> list[dict[str, Any]]:
         return [k.public() for k in self.service.accounts.list(tenant_id)]
 
     async def get_key(self, key_id: str) -> Any:
-        return _payload_errors(lambda: _require(self.service.accounts.get(key_id), key_id).public())
+        return _require(self.service.accounts.get(key_id), key_id).public()
 
     async def update_key(self, key_id: str, fields: dict[str, Any]) -> Any:
-        return _payload_errors(lambda: self.service.update_key(key_id, **fields))
+        return self.service.update_key(key_id, **fields)
 
     async def rotate_key(self, key_id: str, grace_s: float) -> Any:
-        return _payload_errors(lambda: self.service.rotate_key(key_id, grace_s))
+        return self.service.rotate_key(key_id, grace_s)
 
     async def budget(self, key_id: str) -> Any:
-        return _payload_errors(lambda: self.service.budget_status(key_id))
+        return self.service.budget_status(key_id)
 
     async def tenants(self) -> list[dict[str, Any]]:
         return self.service.accounts.tenants()
 
     async def usage_summary(self, query: dict[str, Any]) -> Any:
-        return _payload_errors(lambda: self.service.ledger.summary(**query))
+        return self.service.ledger.summary(**query)
 
     async def usage_rows(self, query: dict[str, Any]) -> Any:
-        return _payload_errors(lambda: self.service.ledger.rows(**query))
+        return self.service.ledger.rows(**query)
 
     async def usage_row(self, request_id: str) -> dict[str, Any] | None:
         return self.service.ledger.row(request_id)

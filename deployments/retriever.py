@@ -1,6 +1,6 @@
 """Retriever: document ingestion and hybrid search over LanceDB. A thin shell over
 serve_app.rag.store.DocumentStore, which owns the tables; this class adds the Embedder
-handle, error payloads, the background compaction/indexing task and the worker processes
+handle, the error boundary, the background compaction/indexing task and the worker processes
 that parse uploads (a document gets `rag.parse_timeout_s`; no upload blocks this replica).
 
 Run one replica: writes are serialised inside a replica (versions are assigned under a
@@ -10,29 +10,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any
 
 from ray import serve
 
-from serve_app.errors import ApiError, is_error_payload
-from serve_app.handles import LazyHandle
+from serve_app.errors import error_boundary
+from deployments.handles import LazyHandle
 from serve_app.rag import parsing
-from serve_app.rag.config import RagSettings
 from serve_app.rag.store import DocumentStore
-from serve_app.settings import resolve_data_dir
+from serve_app.settings import StackAppSettings
 
 log = logging.getLogger("ray.serve")
-T = TypeVar("T")
 
 
 @serve.deployment(name="Retriever", max_ongoing_requests=64, num_replicas=1,
                   health_check_period_s=10)
+@error_boundary("retriever", code="retriever_error", status=500)
 class Retriever:
     async def __init__(self, settings: dict[str, Any], embedder: Any | None = None) -> None:
-        self.settings = RagSettings.model_validate(settings.get("rag") or {})
-        uri = self.settings.uri or str(resolve_data_dir(settings.get("data_dir", "var")) / "rag")
-        self.embedder = embedder or LazyHandle("Embedder", settings.get("models_app", "models"))
+        stack = StackAppSettings.model_validate(settings)
+        self.settings = stack.rag
+        uri = self.settings.uri or str(stack.data_dir / "rag")
+        self.embedder = embedder or LazyHandle("Embedder", stack.models_app)
         # DocumentStore parses in a thread; the pool moves that work into processes.
         self.parser = parsing.ParserPool(self.settings.parse_workers,
                                          self.settings.parse_timeout_s)
@@ -42,25 +41,22 @@ class Retriever:
         self._start_maintenance()
 
     async def _embed(self, texts: list[str]) -> list[list[float]]:
-        result = await self.embedder.call("embed", texts, timeout_s=self.settings.embed_timeout_s)
-        if is_error_payload(result):
-            raise ApiError.from_payload(result)
-        return result
+        return await self.embedder.call("embed", texts, timeout_s=self.settings.embed_timeout_s)
 
     # ------------------------------------------------------------------ API (dicts in/out)
     async def ingest(self, tenant: str, collection: str,
                      documents: list[dict[str, Any]]) -> list[dict[str, Any]] | dict[str, Any]:
         """-> per document {id, version, chunks, replaced, source_id, stale_source_ids,
         warnings}; an error payload when any document is rejected (nothing is written)."""
-        return await _payload(self.store.ingest(tenant, collection, documents))
+        return await self.store.ingest(tenant, collection, documents)
 
     async def delete_document(self, tenant: str, collection: str, doc_id: str) -> dict[str, Any]:
         """-> {deleted, id, version, source_ids}."""
-        return await _payload(self.store.delete_document(tenant, collection, doc_id))
+        return await self.store.delete_document(tenant, collection, doc_id)
 
     async def delete_collection(self, tenant: str, collection: str) -> dict[str, Any]:
         """-> {deleted, collection, documents, source_ids}."""
-        return await _payload(self.store.delete_collection(tenant, collection))
+        return await self.store.delete_collection(tenant, collection)
 
     async def search(self, tenant: str, collection: str, query: str, top_k: int | None = None,
                      mode: str | None = None, filters: dict[str, Any] | None = None,
@@ -68,25 +64,25 @@ class Retriever:
                      ) -> list[dict[str, Any]] | dict[str, Any]:
         """-> chunks, best first (see DocumentStore.search). Pass `query_vector` when the
         query is already embedded (saves an Embedder call)."""
-        return await _payload(self.store.search(tenant, collection, query, top_k, mode,
-                                                filters, query_vector))
+        return await self.store.search(tenant, collection, query, top_k, mode, filters,
+                                       query_vector)
 
     async def list_collections(self, tenant: str) -> list[dict[str, Any]] | dict[str, Any]:
-        return await _payload(self.store.list_collections(tenant))
+        return await self.store.list_collections(tenant)
 
     async def list_documents(self, tenant: str, collection: str, limit: int = 1000,
                              offset: int = 0) -> list[dict[str, Any]] | dict[str, Any]:
-        return await _payload(self.store.list_documents(tenant, collection, limit, offset))
+        return await self.store.list_documents(tenant, collection, limit, offset)
 
     async def current_versions(self, tenant: str, collection: str,
                                doc_ids: list[str]) -> dict[str, Any]:
-        return await _payload(self.store.current_versions(tenant, collection, doc_ids))
+        return await self.store.current_versions(tenant, collection, doc_ids)
 
     async def maintain(self, force: bool = False) -> dict[str, Any]:
-        return await _payload(self.store.maintain(force))
+        return await self.store.maintain(force)
 
     async def stats(self) -> dict[str, Any]:
-        return await _payload(self.store.stats())
+        return await self.store.stats()
 
     # ------------------------------------------------------------------ background upkeep
     def _start_maintenance(self) -> None:
@@ -112,14 +108,3 @@ class Retriever:
         if self._maintenance is not None and self._maintenance.done():
             log.warning("rag maintenance task stopped; restarting it")
             self._start_maintenance()
-
-
-async def _payload(work: Awaitable[T]) -> T | dict[str, Any]:
-    try:
-        return await work
-    except ApiError as exc:
-        return exc.to_payload()
-    except Exception:
-        log.exception("retriever request failed")
-        return ApiError(500, "The retriever failed; retry the request.",
-                        code="retriever_error").to_payload()

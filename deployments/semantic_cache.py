@@ -10,14 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 from ray import serve
 
-from serve_app.cache.config import CacheSettings
-from serve_app.errors import ApiError
-from serve_app.settings import resolve_data_dir
+from serve_app.errors import error_boundary
+from serve_app.settings import StackAppSettings
 
 logger = logging.getLogger("ray.serve")
 
@@ -71,27 +69,18 @@ class RayCacheMetrics:
             self._saved.inc(usd, tags={"gen_ai_request_model": model})
 
 
-async def _payload(call: Callable[[], Any]) -> Any:
-    try:
-        return await asyncio.to_thread(call)
-    except ApiError as error:
-        return error.to_payload()
-    except Exception:  # never a stack trace across the handle
-        logger.exception("semantic cache call failed")
-        return ApiError(503, "The semantic cache failed; the request can proceed without it.",
-                        code="cache_unavailable").to_payload()
-
-
+# A failing cache costs a miss, never the request.
 @serve.deployment(name="SemanticCache", num_replicas=1, max_ongoing_requests=1000,
                   ray_actor_options={"num_cpus": 0.25})
+@error_boundary("semantic cache", code="cache_unavailable")
 class SemanticCache:
     def __init__(self, settings: dict[str, Any]) -> None:
         # LanceDB is imported here, in the replica, not where the app graph is built.
         from serve_app.cache.service import CacheService, cache_uri
 
-        self.settings = CacheSettings.model_validate(settings.get("cache") or {})
-        data_dir = resolve_data_dir(settings.get("data_dir", "var"))
-        self.service = CacheService(self.settings, cache_uri(self.settings, data_dir),
+        stack = StackAppSettings.model_validate(settings)
+        self.settings = stack.cache
+        self.service = CacheService(self.settings, cache_uri(self.settings, stack.data_dir),
                                     metrics=RayCacheMetrics())
         self._task: asyncio.Task[None] | None = None
         self._start_background()
@@ -101,33 +90,33 @@ class SemanticCache:
     async def lookup(self, tenant: str, decision: dict[str, Any],
                      vector: list[float] | None, exact_only: bool = False) -> dict[str, Any]:
         self._start_background()
-        return await _payload(lambda: self.service.lookup(tenant, decision, vector,
-                                                          exact_only))
+        return await asyncio.to_thread(self.service.lookup, tenant, decision, vector,
+                                       exact_only)
 
     async def store(self, tenant: str, decision: dict[str, Any], vector: list[float] | None,
                     completion: dict[str, Any], source_ids: list[str] | None = None,
                     tier: str | None = None) -> dict[str, Any]:
         self._start_background()
-        return await _payload(lambda: self.service.store_answer(
-            tenant, decision, vector, completion, source_ids=source_ids, tier=tier))
+        return await asyncio.to_thread(self.service.store_answer, tenant, decision, vector,
+                                       completion, source_ids=source_ids, tier=tier)
 
     async def record_saving(self, usd: float, model: str) -> dict[str, Any]:
-        return await _payload(lambda: self.service.record_saving(usd, model))
+        return await asyncio.to_thread(self.service.record_saving, usd, model)
 
     # ---- administration --------------------------------------------------------------
 
     async def invalidate(self, kind: str, value: str | None = None,
                          tenant: str | None = None) -> dict[str, Any]:
-        return await _payload(lambda: self.service.invalidate(kind, value, tenant))
+        return await asyncio.to_thread(self.service.invalidate, kind, value, tenant)
 
     async def stats(self) -> dict[str, Any]:
-        return await _payload(self.service.stats)
+        return await asyncio.to_thread(self.service.stats)
 
     async def flush(self) -> dict[str, Any]:
-        return await _payload(self.service.flush)
+        return await asyncio.to_thread(self.service.flush)
 
     async def maintain(self) -> dict[str, Any]:
-        return await _payload(lambda: self.service.maintain(force_compaction=True))
+        return await asyncio.to_thread(self.service.maintain, force_compaction=True)
 
     # ---- background work -------------------------------------------------------------
 

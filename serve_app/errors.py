@@ -1,12 +1,20 @@
-"""One error factory for every client-facing error.
+"""One error type for every client-facing failure, and one way it crosses a handle.
 
-Inside the pipeline failures are `ApiError`s (or values built by `api_error`); they become
-OpenAI-shaped JSON only at the HTTP edge. Deployments behind handles return
-`ErrorPayload` dicts instead of raising, so the type survives Ray serialisation.
+Inside a process failures are `ApiError`s; they become OpenAI-shaped JSON only at the HTTP
+edge (deployments/http_edge.py). Across a deployment handle an ApiError travels as its
+payload (`to_payload`): every deployment shell is decorated with `error_boundary`, which
+turns what its methods raise into payloads (an unexpected exception is logged and becomes
+the shell's own 5xx, never a trace), and the one client helper (`deployments.handles.
+call_handle`) raises the ApiError again on the caller's side. Payloads rather than raised
+exceptions: Ray would log every refused request as a replica failure with its traceback.
 """
 from __future__ import annotations
 
-from typing import Any
+import functools
+import inspect
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 from fastapi.responses import JSONResponse
 
@@ -86,3 +94,67 @@ def param_from_location(loc: tuple[Any, ...] | list[Any]) -> str:
         else:
             parts.append(("." if parts else "") + str(item))
     return "".join(parts) or "body"
+
+
+_Shell = TypeVar("_Shell", bound=type)
+# Methods Serve itself calls on a replica: their exceptions mean what Serve says they mean.
+_SERVE_HOOKS = frozenset({"check_health", "reconfigure", "record_routing_stats"})
+
+
+def error_boundary(service: str, code: str, *, status: int = 503,
+                   mapped: Mapping[type[Exception], Callable[[Exception], ApiError]]
+                   | None = None) -> Callable[[_Shell], _Shell]:
+    """Class decorator for a deployment shell: each public method (sync, coroutine or async
+    generator, each kept as it is) returns or yields an ApiError's payload instead of
+    raising it. Exceptions
+    of a type in `mapped` become the ApiError it makes; anything else is logged and
+    becomes `status`/`code` with a message that names only the service."""
+    log = logging.getLogger(f"deployments.{service}")
+    mapping = dict(mapped or {})
+
+    def as_error(exc: Exception) -> ApiError:
+        if isinstance(exc, ApiError):
+            return exc
+        for kind, make in mapping.items():
+            if isinstance(exc, kind):
+                return make(exc)
+        log.exception("%s failed", service)
+        return ApiError(status, f"The {service} failed; retry the request.", code=code)
+
+    def wrap(method: Callable[..., Any]) -> Callable[..., Any]:
+        if inspect.isasyncgenfunction(method):
+            @functools.wraps(method)
+            async def stream(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    async for item in method(*args, **kwargs):
+                        yield item
+                except Exception as exc:
+                    yield as_error(exc).to_payload()
+            return stream
+
+        if inspect.iscoroutinefunction(method):
+            @functools.wraps(method)
+            async def call(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return await method(*args, **kwargs)
+                except Exception as exc:
+                    return as_error(exc).to_payload()
+            return call
+
+        # A sync method stays sync: Serve runs it in its thread pool, off the event loop.
+        @functools.wraps(method)
+        def call_sync(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(*args, **kwargs)
+            except Exception as exc:
+                return as_error(exc).to_payload()
+        return call_sync
+
+    def decorate(cls: _Shell) -> _Shell:
+        for name, member in list(vars(cls).items()):
+            if name.startswith("_") or name in _SERVE_HOOKS or not callable(member):
+                continue
+            setattr(cls, name, wrap(member))
+        return cls
+
+    return decorate

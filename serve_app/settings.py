@@ -1,6 +1,6 @@
 """The one validated settings schema for the whole stack.
 
-Both application builders (`serve_app.app.build_models_app` and `build_app`) receive the
+Both application builders (`deployments.app.build_models_app` and `build_app`) receive the
 `args:` block of a Serve config file and validate it here. Secrets are never settings:
 a setting names the environment variable that holds a secret (`*_env`).
 """

@@ -7,7 +7,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Ray's control plane as under `make run`: token auth with the same token file (created once,
 # mode 600) and loopback ports, set before anything imports ray (Ray reads it at import).
-from serve_app.launch import ray_control_plane_env  # noqa: E402
+from deployments.launch import ray_control_plane_env  # noqa: E402
 from serve_app.settings import PROJECT_ROOT  # noqa: E402
 
 os.environ.update(ray_control_plane_env(PROJECT_ROOT / "var"))
@@ -20,7 +20,7 @@ import pytest  # noqa: E402
 def cluster():
     """One Ray cluster and one models app per test session (integration and security
     suites share it); each module deploys its own stack app."""
-    from serve_app.local_cluster import LocalStack
+    from deployments.local_cluster import LocalStack
     from tests.support.keys import ADMIN_ENV
 
     # Secrets reach replicas through the environment Ray's processes inherit, never

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi import Request
+from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.gateway.fastapi_app import app
+from deployments.gateway.dependencies import AdminDep, GatewayDep
 
-PREFIX = "/admin/v1/cache"
+router = APIRouter(prefix="/admin/v1/cache")
 
 
 class CacheInvalidation(BaseModel):
@@ -21,21 +21,19 @@ class CacheInvalidation(BaseModel):
     tenant: str | None = Field(None, description="Limit any kind to one tenant.")
 
 
-class CacheRoutes:
-    @app.post(f"{PREFIX}/invalidate")
-    async def admin_cache_invalidate(self, body: CacheInvalidation,
-                                     request: Request) -> dict[str, Any]:
-        await self.require_admin(request)
-        return await self.cache.call("invalidate", body.kind, body.value, body.tenant)
+@router.post("/invalidate")
+async def admin_cache_invalidate(body: CacheInvalidation, gateway: GatewayDep,
+                                 admin: AdminDep) -> dict[str, Any]:
+    return await gateway.cache.call("invalidate", body.kind, body.value, body.tenant)
 
-    @app.get(f"{PREFIX}/stats")
-    async def admin_cache_stats(self, request: Request) -> dict[str, Any]:
-        await self.require_admin(request)
-        return await self.cache.call("stats")
 
-    @app.post(f"{PREFIX}/maintain")
-    async def admin_cache_maintain(self, request: Request) -> dict[str, Any]:
-        """Flush buffered writes, expire, evict, compact and index now."""
-        await self.require_admin(request)
-        await self.cache.call("flush")
-        return await self.cache.call("maintain")
+@router.get("/stats")
+async def admin_cache_stats(gateway: GatewayDep, admin: AdminDep) -> dict[str, Any]:
+    return await gateway.cache.call("stats")
+
+
+@router.post("/maintain")
+async def admin_cache_maintain(gateway: GatewayDep, admin: AdminDep) -> dict[str, Any]:
+    """Flush buffered writes, expire, evict, compact and index now."""
+    await gateway.cache.call("flush")
+    return await gateway.cache.call("maintain")

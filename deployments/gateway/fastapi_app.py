@@ -1,17 +1,16 @@
-"""The FastAPI app every Gateway route module registers on (one app per process)."""
+"""The Gateway's FastAPI app: the edge middleware, the error handlers and every route
+module's APIRouter (one app per process)."""
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
-from serve_app.accounts.keys import bearer_token
-from serve_app.http_edge import RequestEdgeMiddleware, install_error_handlers
+from deployments.gateway import admin_routes, agent_routes, cache_routes, openai_routes, rag_routes
+from deployments.http_edge import RequestEdgeMiddleware, install_error_handlers
 
 app = FastAPI(title="LLM production stack", version="0.1.0",
               description="OpenAI-compatible gateway on Ray Serve: keys, limits, budgets, "
               "semantic cache, routing with fallback, RAG and agents.")
 install_error_handlers(app)
 app.add_middleware(RequestEdgeMiddleware)
-
-
-def api_key_of(request: Request) -> str | None:
-    return bearer_token(request.headers.get("authorization"), request.headers.get("x-api-key"))
+for module in (openai_routes, admin_routes, cache_routes, rag_routes, agent_routes):
+    app.include_router(module.router)

@@ -13,7 +13,7 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
-from serve_app.completions import completion_as_chunks
+from serve_app.gateway.completions import completion_as_chunks
 from serve_app.errors import ApiError
 from serve_app.llm.prompt import template_messages
 from serve_app.llm.sampling import GenerationPlan, finish_reason, plan_generation

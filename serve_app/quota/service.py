@@ -247,6 +247,20 @@ class QuotaService:
                 self.notifier.send(url, payload)
 
     # ------------------------------------------------------------------ admin
+    def caller(self, api_key: str | None, check_keys: bool = True) -> dict[str, Any]:
+        """Who is calling, in one step: the admin key, a tenant key's principal, or
+        anonymous (keys not required, or `check_keys` off because the gateway does no
+        accounting). Raises ApiError 401 for a key that does not authenticate."""
+        if self.is_admin(api_key):
+            return {"tenant_id": None, "key_id": "admin", "can_confirm": True,
+                    "can_self_confirm": False, "admin": True}
+        record = self.authenticate(api_key) if check_keys else None
+        if record is None:
+            return {**_anonymous(), "admin": False}
+        return {"tenant_id": record.tenant_id, "key_id": record.key_id,
+                "can_confirm": record.can_confirm, "can_self_confirm": record.can_self_confirm,
+                "admin": False}
+
     def is_admin(self, token: str | None) -> bool:
         return bool(token) and hmac.compare_digest(token.encode(), self._admin_key.encode())
 

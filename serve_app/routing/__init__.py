@@ -3,19 +3,16 @@
 Modules (one job each; none imports Ray):
 - config.py           RouterSettings (providers, tier chains, classifier file, policy)
 - features.py         cheap text features; routing_text(messages)
-- dataset.py          labeled router data, training targets, the held-out split
-- embedding_cache.py  per-text embedding cache for training and benchmarks
 - classifier.py       ComplexityModel (versioned JSON model file) and ComplexityClassifier
-- train.py            `python -m serve_app.routing.train` writes the model file
 - policy.py           model name -> route, score -> tier, calibration of thresholds
 - errors.py           UpstreamError: failure kinds, retry/fallback/breaker treatment
 - retry.py            backoff with jitter, Retry-After
 - circuit_breaker.py  per-provider breaker with an injectable clock
 - providers.py        ProviderClient over openai.AsyncOpenAI (one attempt per call)
-- remote.py           RemoteProviders: clients + retries + breakers (RemoteLLM's logic)
+- remote.py           RemoteProviders: clients + retries + breakers, called in-process
 - fallback.py         FallbackChain: walks a tier's targets, x-fallback hops
 
-The Serve shells are deployments/classifier.py and deployments/remote_llm.py.
+The Serve shell is deployments/classifier.py; the per-request routing step is serve_app/gateway/router.py; training is in training/.
 """
 from serve_app.routing.config import (
     LOCAL_TARGET,

@@ -1,7 +1,7 @@
 """Fallback chains from settings: tier (or explicit target) -> FallbackChain of Targets.
 
 Transport-free: the caller passes how to reach the local model and a provider (in the
-gateway: LocalLLMClient and the RemoteLLM handle), so this is unit-tested without Ray.
+pipeline: LocalLLMClient and RemoteProviders.target_calls), so this is unit-tested without Ray.
 A provider without its API key is skipped with reason `no_key` before any call, which is
 how the offline default shows up in x-fallback ("openai-mini:no_key>...>local").
 """

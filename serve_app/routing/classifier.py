@@ -1,6 +1,6 @@
 """The complexity classifier: a versioned model file -> score in [0, 1] and a tier.
 
-Model file (JSON, no pickle: loading it runs no code). Written by routing/train.py:
+Model file (JSON, no pickle: loading it runs no code). Written by training/train_router.py:
 
     {"format": "llmstack.router.complexity", "format_version": 1,
      "model_version": "complexity-v1+<data hash prefix>",
@@ -70,7 +70,7 @@ class ComplexityModel:
         path = Path(path)
         if not path.is_file():
             raise ModelFileError(f"router model file {path} does not exist; train it with "
-                                 f"`python -m serve_app.routing.train --out {path}`")
+                                 f"`python -m training.train_router --out {path}`")
         try:
             payload = json.loads(path.read_text())
         except json.JSONDecodeError as exc:

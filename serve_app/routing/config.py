@@ -21,6 +21,8 @@ LOCAL_TARGET = "local"
 TIERS: tuple[str, str, str] = ("small", "medium", "large")
 Tier = Literal["small", "medium", "large"]
 DEFAULT_MODEL_FILE = "models/router/complexity-v1.json"
+# The repository root: it ships models/router/complexity-v1.json (see README, "Router").
+SHIPPED_MODELS_ROOT = Path(__file__).resolve().parents[2]
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -208,14 +210,21 @@ class PolicySettings(_Strict):
 class ClassifierSettings(_Strict):
     model_path: Path = Field(
         Path(DEFAULT_MODEL_FILE), description="Model file written by "
-        "`python -m serve_app.routing.train`; relative paths are under data_dir.")
+        "`python -m training.train_router`. A relative path is looked up under data_dir "
+        "first (a model trained here, e.g. `--full`), then in the repository, which ships "
+        "the default model (models/router/complexity-v1.json), so serving never needs the "
+        "training data.")
     reload_check_s: float = Field(
         30.0, ge=0, description="How often the classifier checks the model file for a new "
         "version (a retrain or `--full` upgrade) and reloads it; 0 disables.")
 
     def resolved(self, data_dir: Path | str) -> Path:
         path = self.model_path
-        return path if path.is_absolute() else Path(data_dir) / path
+        if path.is_absolute():
+            return path
+        trained_here = Path(data_dir) / path
+        shipped = SHIPPED_MODELS_ROOT / path
+        return trained_here if trained_here.is_file() or not shipped.is_file() else shipped
 
 
 def default_providers() -> list[ProviderSettings]:

@@ -1,5 +1,12 @@
-"""The remote providers of one RemoteLLM replica: a client, a circuit breaker and a retry
-policy per provider. Plain class (no Ray), so tests run it against the fake provider.
+"""The remote providers of one pipeline (each Gateway and AgentRunner replica holds one):
+a client, a circuit breaker and a retry policy per provider, called in-process. Plain
+class (no Ray), so tests run it against the fake provider.
+
+Why in-process and not a deployment of its own: a provider call is network I/O, and a
+Serve handle hop in front of it cost ~10 ms of CPU per request on each side (measured,
+benchmarks/gateway_vs_litellm.py) for no work. The price: breakers are per replica, so
+with R replicas a failing provider takes up to R x failure_threshold failed attempts
+before every replica routes around it (each replica still opens within its own N).
 
 Convention (as LocalLLM's engine): `chat` returns a completion dict or an error payload;
 `chat_stream` yields chunk dicts and, on failure, one final error payload. Error payloads
@@ -21,7 +28,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from serve_app.errors import ApiError
 from serve_app.routing.circuit_breaker import CircuitBreaker
@@ -30,6 +37,9 @@ from serve_app.routing.errors import UpstreamError
 from serve_app.routing.fallback import has_output
 from serve_app.routing.providers import ClientFactory, ProviderClient, _default_client
 from serve_app.routing.retry import call_with_retries, decide
+
+if TYPE_CHECKING:
+    from serve_app.routing.chains import TargetCalls
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +147,23 @@ class RemoteProviders:
                 await chunks.aclose()
             runtime.breaker.record_success()
             return
+
+    def target_calls(self, provider: str, timeout_s: float) -> "TargetCalls":
+        """One provider as a fallback-chain target; a call past `timeout_s` is 504."""
+        from serve_app.routing.chains import TargetCalls
+
+        async def complete(request: dict[str, Any], request_id: str) -> dict[str, Any]:
+            try:
+                return await asyncio.wait_for(self.chat(provider, request, request_id),
+                                              timeout_s)
+            except asyncio.TimeoutError as exc:
+                raise ApiError(504, f"{provider} did not answer in time.",
+                               code="upstream_timeout") from exc
+
+        def stream(request: dict[str, Any], request_id: str) -> AsyncIterator[dict[str, Any]]:
+            return self.chat_stream(provider, request, request_id)
+
+        return TargetCalls(complete, stream)
 
     async def aclose(self) -> None:
         for runtime in self.providers.values():

@@ -3,7 +3,7 @@ SIGTERM to it alone, within the time a user waits, and leaves no process behind:
 gcs_server, dashboard, Serve replica or vLLM engine. While it runs, its Ray control plane is
 private (loopback, token) and the Serve port still answers plain HTTP.
 
-Each case starts `python -m serve_app.launch <config>` in a session of its own, with its own
+Each case starts `python -m deployments.launch <config>` in a session of its own, with its own
 RAY_TMPDIR, dashboard and HTTP ports, so it neither sees nor touches the session-wide test
 cluster; no ray.init in this process. One case runs vLLM (the models app, ~1-2 min, ~4 GB),
 the others a one-replica app defined here (`tiny_app`).
@@ -118,7 +118,7 @@ def launcher() -> Iterator[Callable[[dict[str, Any]], Launched]]:
                    LLMSTACK_NUM_CPUS="4")
         log = open(temp_dir / "launch.log", "wb")
         process = subprocess.Popen(
-            [sys.executable, "-m", "serve_app.launch", str(temp_dir / "config.yaml"),
+            [sys.executable, "-m", "deployments.launch", str(temp_dir / "config.yaml"),
              "--dashboard-port", str(dashboard_port)],
             cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)

@@ -2,7 +2,7 @@
 local head listens on 127.0.0.1 only.
 
 A bare head of its own (`ray start --head --block`, no Serve, no models), in its own session
-and temp dir, with the environment the launcher uses (serve_app.launch.ray_control_plane_env)
+and temp dir, with the environment the launcher uses (deployments.launch.ray_control_plane_env)
 and a token file made by serve_app.secrets_store. Stopped by killing that session's
 processes by pid; never `ray stop`, which would stop every Ray on the machine. No ray.init in
 this process: the session-wide test cluster may be running beside it.
@@ -26,7 +26,7 @@ import httpx
 import psutil
 import pytest
 
-from serve_app.launch import ray_control_plane_env
+from deployments.launch import ray_control_plane_env
 
 LOOPBACK_ADDRESSES = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
 START_TIMEOUT_S = 120

@@ -6,10 +6,10 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from serve_app.chat_builder import ChatPorts, build_chat_service
-from serve_app.chat_service import ChatService
+from serve_app.gateway.builder import ChatPorts, build_chat_service
+from serve_app.gateway.chat_service import ChatService
 from serve_app.errors import ApiError
-from serve_app.request_context import RequestContext, new_request_id
+from serve_app.gateway.request_context import RequestContext, new_request_id
 from serve_app.routing.chains import TargetCalls
 from serve_app.routing.config import RouterSettings
 from serve_app.settings import StackAppSettings

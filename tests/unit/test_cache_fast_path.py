@@ -7,9 +7,9 @@ import numpy as np
 
 from serve_app.cache.config import CacheSettings
 from serve_app.cache.service import CacheService
-from serve_app.cache_stage import CacheStage
+from serve_app.gateway.cache_stage import CacheStage
 from serve_app.quota.pricing import Price
-from serve_app.request_context import RequestContext, new_request_id
+from serve_app.gateway.request_context import RequestContext, new_request_id
 
 DIM = 384
 PRINCIPAL = {"tenant_id": "acme", "key_id": "k", "cache_sampled": False}

@@ -3,8 +3,8 @@ retrieval reuse that vector only when they work on the same text."""
 from __future__ import annotations
 
 from serve_app.cache.policy import CacheDecision
-from serve_app.cache_stage import CacheStep
-from serve_app.chat_service import _reusable_vector
+from serve_app.gateway.cache_stage import CacheStep
+from serve_app.gateway.chat_service import _reusable_vector
 
 
 def step_for(query_text: str, vector: list[float] | None = None) -> CacheStep:

@@ -4,7 +4,7 @@ from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
 from serve_app.errors import ApiError
-from serve_app.http_edge import RequestEdgeMiddleware, install_error_handlers, register_edge_hooks
+from deployments.http_edge import RequestEdgeMiddleware, install_error_handlers, register_edge_hooks
 
 completed = []
 

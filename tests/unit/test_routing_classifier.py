@@ -15,10 +15,10 @@ from serve_app.routing.classifier import (
     ComplexityModel,
     ModelFileError,
 )
-from serve_app.routing.dataset import LabeledPrompt, assign_splits, split_fingerprint
+from training.router_data import LabeledPrompt, assign_splits, split_fingerprint
 from serve_app.routing.features import FEATURE_NAMES, FEATURES_VERSION, batch_features
 from serve_app.routing.policy import Thresholds
-from serve_app.routing.train import (
+from training.train_router import (
     FULL_OUT,
     expand_soft,
     export_layers,
@@ -131,7 +131,7 @@ def test_bad_model_files_are_rejected(mutate, message):
 
 
 def test_missing_file_says_how_to_train(tmp_path: Path):
-    with pytest.raises(ModelFileError, match="serve_app.routing.train"):
+    with pytest.raises(ModelFileError, match="training.train_router"):
         ComplexityModel.load(tmp_path / "absent.json")
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
@@ -204,7 +204,7 @@ TRAINED = Path(os.environ.get("ROUTER_MODEL_FILE", str(FULL_OUT)))
 
 
 @pytest.mark.skipif(not TRAINED.is_file(),
-                    reason="no full router model (python -m serve_app.routing.train --full "
+                    reason="no full router model (python -m training.train_router --full "
                     "--out var/models/router/complexity-v1-full.json)")
 def test_trained_model_orders_simple_below_hard_prompts():
     """In the training distribution (knowledge and maths questions), easy questions score
@@ -254,7 +254,7 @@ def test_service_reloads_a_changed_model_file_and_survives_a_broken_one(tmp_path
 
 
 def test_train_cli_skips_existing_or_full_models(tmp_path: Path, monkeypatch):
-    from serve_app.routing import train as train_module
+    from training import train_router as train_module
 
     calls = []
     monkeypatch.setattr(train_module, "train", lambda *a, **k: calls.append(k) or {})

@@ -1,5 +1,5 @@
-"""The Serve shells (ComplexityClassifier, RemoteLLM) built without a cluster: the
-deployment's own class, called directly, against a model file and the fake provider."""
+"""The ComplexityClassifier shell (the deployment's own class, called directly, against a
+model file) and the in-process provider targets against the fake provider; no cluster."""
 from __future__ import annotations
 
 import json
@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 
 from deployments.classifier import ComplexityClassifier
-from deployments.remote_llm import RemoteLLM
+from serve_app.errors import ApiError
+from serve_app.routing.config import RouterSettings
+from serve_app.routing.remote import RemoteProviders
 from serve_app.routing.policy import Thresholds
 from tests.support.fake_provider import FakeProvider, Fault
+from serve_app.routing.config import DEFAULT_MODEL_FILE, SHIPPED_MODELS_ROOT
 from tests.unit.test_routing_classifier import payload_for
 
 REQUEST = {"model": "auto", "messages": [{"role": "user", "content": "hi"}]}
@@ -38,23 +41,46 @@ def test_classifier_shell(tmp_path: Path):
 
 
 def test_classifier_shell_without_model_file_fails_clearly(tmp_path: Path):
-    with pytest.raises(ValueError, match="serve_app.routing.train"):
-        ComplexityClassifier.func_or_class({"data_dir": str(tmp_path)})
+    absent = tmp_path / "absent" / "complexity-v1.json"
+    with pytest.raises(ValueError, match="training.train_router"):
+        ComplexityClassifier.func_or_class({"data_dir": str(tmp_path), "router": {
+            "classifier": {"model_path": str(absent)}}})
 
 
-async def test_remote_llm_shell():
+def test_classifier_serves_the_shipped_model_without_training_data(tmp_path: Path):
+    """A clone with no ../shared and an empty data dir still routes: the repository ships
+    the model file, with its training-data fingerprint and held-out metrics."""
+    shell = ComplexityClassifier.func_or_class({"data_dir": str(tmp_path)})
+    info = shell.info()
+    shipped = json.loads((SHIPPED_MODELS_ROOT / DEFAULT_MODEL_FILE).read_text())
+    assert info["model_version"] == shipped["model_version"]
+    assert shipped["training"]["data_hash"] and shipped["metrics"]["val"]
+    result = shell.classify("What is 2 + 2?", [0.0] * 384)
+    assert 0.0 <= result["score"] <= 1.0 and result["tier"] in ("small", "medium", "large")
+
+
+async def test_providers_as_in_process_targets():
+    """API providers are called from the pipeline's own process (no deployment hop): one
+    target per provider, completions and streams, failures as payloads for the fallback
+    walker, a deadline as 504."""
     with FakeProvider("provider-a") as fake:
-        settings = {"router": {
+        router = RouterSettings.model_validate({
             "providers": [{"name": "provider-a", "base_url": fake.base_url, "model": "m-a",
                            "retry": {"max_retries": 0}}],
-            "tiers": {"small": ["local"], "medium": ["provider-a"], "large": ["provider-a"]}}}
-        shell = RemoteLLM.func_or_class(settings)
-        body = await shell.chat("provider-a", REQUEST, "r1")
+            "tiers": {"small": ["local"], "medium": ["provider-a"], "large": ["provider-a"]}})
+        providers = RemoteProviders(router)
+        target = providers.target_calls("provider-a", timeout_s=5)
+        body = await target.complete(REQUEST, "r1")
         assert body["choices"][0]["message"]["content"] == fake.reply
-        chunks = [c async for c in shell.chat_stream("provider-a", REQUEST, "r2")]
+        chunks = [c async for c in target.stream(REQUEST, "r2")]
         assert chunks[-1]["usage"]["total_tokens"] > 0
         fake.set_default(Fault(status=500))
-        failed = await shell.chat("provider-a", REQUEST, "r3")
+        failed = await target.complete(REQUEST, "r3")
         assert failed["__error__"] and failed["hop"] == "500"
-        assert shell.status()["provider-a"]["consecutive_failures"] == 1
-        assert "api_key" not in json.dumps(shell.status())
+        assert providers.status()["provider-a"]["consecutive_failures"] == 1
+        assert "api_key" not in json.dumps(providers.status())
+        fake.set_default(Fault(latency_s=2.0))
+        with pytest.raises(ApiError) as slow:
+            await providers.target_calls("provider-a", timeout_s=0.3).complete(REQUEST, "r4")
+        assert slow.value.status == 504 and slow.value.code == "upstream_timeout"
+        await providers.aclose()

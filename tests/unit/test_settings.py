@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from serve_app.launch import app_config, load_config
+from deployments.launch import app_config, load_config
 from serve_app.settings import PROJECT_ROOT, ModelsAppSettings, StackAppSettings
 
 

@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from serve_app.accounts.keys import bearer_token
 from serve_app.address_gate import AddressGate
 from serve_app.errors import ApiError, error_body, error_response, param_from_location
-from serve_app.request_context import RequestContext, client_request_id_from, new_request_id
+from serve_app.gateway.request_context import RequestContext, client_request_id_from, new_request_id
 
 logger = logging.getLogger(__name__)
 

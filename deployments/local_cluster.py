@@ -2,7 +2,7 @@
 
 The `models` app (vLLM + embedder) is deployed once; the `stack` app can be redeployed
 with other settings. Deploys go through the same Serve config file and code path as
-`make run` (configs/local.yaml -> serve_app.launch.deploy). Serve keeps an unchanged
+`make run` (configs/local.yaml -> deployments.launch.deploy). Serve keeps an unchanged
 application's replicas on redeploy, so vLLM starts once per session.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from serve_app.launch import app_config, deploy, load_config, shutdown_cluster, start_ray
+from deployments.launch import app_config, deploy, load_config, shutdown_cluster, start_ray
 from serve_app.routing.config import DEFAULT_MODEL_FILE
 from serve_app.settings import PROJECT_ROOT
 

@@ -26,20 +26,20 @@ from typing import Any, Protocol
 from serve_app.accounts.keys import parse_key_id
 from serve_app.cache.policy import query_text
 from serve_app.cache.replay import completion_from_chunks
-from serve_app.cache_stage import CacheStage, CacheStep, cache_headers, replay
+from serve_app.gateway.cache_stage import CacheStage, CacheStep, cache_headers, replay
 from serve_app.errors import ApiError, is_error_payload
 from serve_app.protocol import ChatCompletionRequest
 from serve_app.quota.service import ANONYMOUS, AUTH_MESSAGES
 from serve_app.rag.config import RagSettings
 from serve_app.rag.prompting import RagContext, apply_rag, resolve_rag_options
-from serve_app.request_context import RequestContext, redact_prompt
-from serve_app.routing.gateway_router import (
+from serve_app.gateway.request_context import RequestContext, redact_prompt
+from serve_app.gateway.router import (
     GatewayRouter,
     RouteDecision,
     WorstCase,
     routing_text,
 )
-from serve_app.sse import DONE, sse_error, sse_event
+from serve_app.gateway.sse import DONE, sse_error, sse_event
 
 logger = logging.getLogger(__name__)
 

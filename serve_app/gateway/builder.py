@@ -10,12 +10,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from serve_app.cache_stage import CachePort, CacheStage, Embed
-from serve_app.chat_service import Accounting, ChatService, RetrieverPort
+from serve_app.gateway.cache_stage import CachePort, CacheStage, Embed
+from serve_app.gateway.chat_service import Accounting, ChatService, RetrieverPort
 from serve_app.llm.token_count import LocalCounter, PromptCounter
 from serve_app.quota.pricing import Price
 from serve_app.routing.chains import TargetCalls
-from serve_app.routing.gateway_router import Classify, GatewayRouter
+from serve_app.gateway.router import Classify, GatewayRouter
 from serve_app.routing.load import LocalLoad
 from serve_app.settings import StackAppSettings
 

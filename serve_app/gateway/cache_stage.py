@@ -16,7 +16,7 @@ from serve_app.cache.replay import cached_completion, completion_chunks, estimat
 from serve_app.errors import ApiError, is_error_payload
 from serve_app.quota.pricing import Price
 from serve_app.rag.prompting import sources_header
-from serve_app.request_context import RequestContext
+from serve_app.gateway.request_context import RequestContext
 
 Embed = Callable[[list[str]], Awaitable[list[list[float]]]]
 

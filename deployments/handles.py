@@ -39,9 +39,9 @@ class LazyHandle:
         return self._handle
 
     async def call(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
-        """Returns error payloads as they are (callers decide what they mean)."""
+        """An error payload comes back raised as its ApiError."""
         return await call_handle(getattr(self.get(), method).remote(*args), timeout_s,
-                                 self.deployment, "service_unavailable", unwrap=False)
+                                 self.deployment, "service_unavailable")
 
     def stream(self, method: str, *args: Any) -> Any:
         return getattr(self.get().options(stream=True), method).remote(*args)
@@ -81,10 +81,7 @@ class LocalLLMClient:
         self.timeout_s = timeout_s
 
     async def complete(self, request: dict[str, Any], request_id: str) -> dict[str, Any]:
-        result = await self.handle.call("chat", request, request_id, timeout_s=self.timeout_s)
-        if is_error_payload(result):
-            raise ApiError.from_payload(result)
-        return result
+        return await self.handle.call("chat", request, request_id, timeout_s=self.timeout_s)
 
     async def stream(self, request: dict[str, Any], request_id: str) -> AsyncIterator[dict[str, Any]]:
         generator = self.handle.stream("chat_stream", request, request_id)
@@ -234,32 +231,6 @@ class RetrieverClient:
             if any(current.get(doc) != version for doc, version in versions.items()):
                 return False
         return True
-
-
-class RemoteClient:
-    """Calls to the RemoteLLM deployment as fallback-chain targets (one per provider)."""
-
-    def __init__(self, handle: Any, timeout_s: float) -> None:
-        self.handle = handle
-        self.timeout_s = timeout_s
-
-    def target_calls(self, provider: str) -> Any:
-        from serve_app.routing.chains import TargetCalls
-
-        async def complete(request: dict[str, Any], request_id: str) -> dict[str, Any]:
-            response = self.handle.chat.remote(provider, request, request_id)
-            try:
-                return await asyncio.wait_for(_await(response), self.timeout_s)
-            except asyncio.TimeoutError as exc:
-                response.cancel()
-                raise ApiError(504, f"{provider} did not answer in time.",
-                               code="upstream_timeout") from exc
-
-        def stream(request: dict[str, Any], request_id: str) -> Any:
-            return self.handle.options(stream=True).chat_stream.remote(
-                provider, request, request_id)
-
-        return TargetCalls(complete, stream)
 
 
 class AgentClient:

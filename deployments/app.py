@@ -20,23 +20,23 @@ from deployments.models_root import ModelsRoot
 from deployments.agent_runner import AgentRunner
 from deployments.classifier import ComplexityClassifier
 from deployments.quota import Quota
-from deployments.remote_llm import RemoteLLM
 from deployments.retriever import Retriever
 from deployments.semantic_cache import SemanticCache
 from serve_app.settings import ModelsAppSettings, StackAppSettings
 
 
 def build_models_app(args: dict[str, Any]) -> Application:
-    settings = ModelsAppSettings.model_validate(args).model_dump(mode="json")
+    # Validated once, here; the replicas receive the settings objects (pydantic returns a
+    # validated instance as it is, so a shell's model_validate costs nothing).
+    settings = ModelsAppSettings.model_validate(args)
     return ModelsRoot.bind(LocalLLM.bind(settings), Embedder.bind(settings))
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    settings = StackAppSettings.model_validate(args).model_dump(mode="json")
+    settings = StackAppSettings.model_validate(args)
     services = {"quota": Quota.bind(settings), "cache": SemanticCache.bind(settings),
                 "retriever": Retriever.bind(settings),
-                "classifier": ComplexityClassifier.bind(settings),
-                "remote": RemoteLLM.bind(settings)}
+                "classifier": ComplexityClassifier.bind(settings)}
     # The Gateway and the AgentRunner each build the chat pipeline over the same services,
     # so an agent's LLM steps never call back into the Gateway.
     agent = AgentRunner.bind(settings, **services)
