@@ -24,6 +24,7 @@ from typing import Any
 from ray import serve
 
 from deployments.chat_pipeline import PipelineLLMPort, ServeChatPipeline
+from deployments.handles import call_handle
 from serve_app.agent.access import Principal
 from serve_app.agent.config import AgentSettings
 from serve_app.agent.llm_port import LLMPort, OpenAICompatibleLLM
@@ -31,7 +32,7 @@ from serve_app.agent.protocol import (ConfirmRequest, CreateSessionRequest, Gran
                                       PostMessageRequest, parse)
 from serve_app.agent.runner import AgentService
 from serve_app.agent.sandbox import SandboxUnavailable
-from serve_app.errors import ApiError, error_boundary, is_error_payload
+from serve_app.errors import ApiError, error_boundary
 from serve_app.gateway.request_context import RequestLogger
 from serve_app.settings import StackAppSettings
 
@@ -61,10 +62,9 @@ def _retrieve(retriever: Any) -> Callable[..., Awaitable[list[dict[str, Any]]]] 
 
     async def search(query: str, top_k: int, owner: str | None,
                      metadata: dict[str, Any]) -> list[dict[str, Any]]:
-        result = await retriever.search.remote(owner or "", metadata.get("collection")
-                                               or "default", query, top_k)
-        if is_error_payload(result):
-            raise ApiError.from_payload(result)
+        result = await call_handle(retriever.search.remote(
+            owner or "", metadata.get("collection") or "default", query, top_k), 60.0,
+            "The retriever", "retriever_unavailable")
         return [{"source_id": c.get("source_id"), "title": c.get("title"),
                  "score": c.get("score"), "text": c.get("text")} for c in result]
 

@@ -8,17 +8,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Any
 
 from serve_app.errors import ApiError, is_error_payload
 
 logger = logging.getLogger(__name__)
-
-
-class LLMClient(Protocol):
-    async def complete(self, request: dict[str, Any], request_id: str) -> dict[str, Any]: ...
-
-    def stream(self, request: dict[str, Any], request_id: str) -> AsyncIterator[dict[str, Any]]: ...
 
 
 class LazyHandle:
@@ -52,10 +46,10 @@ async def _await(response: Any) -> Any:
 
 
 async def call_handle(response: Any, timeout_s: float | None, service: str, code: str,
-                      *, timeout_status: int = 504, timeout_code: str = "timeout",
-                      unwrap: bool = True) -> Any:
+                      *, timeout_status: int = 504, timeout_code: str = "timeout") -> Any:
     """Await a DeploymentResponse. A timeout cancels it (504), a dead or failing replica
-    is 503 `code`; with `unwrap`, an error payload becomes the ApiError it describes.
+    is 503 `code`; an error payload (see serve_app.errors.error_boundary) is raised as
+    the ApiError it describes.
     One place for the failure mapping every client below needs."""
     try:
         result = await asyncio.wait_for(_await(response), timeout_s)
@@ -68,13 +62,13 @@ async def call_handle(response: Any, timeout_s: float | None, service: str, code
     except Exception as exc:  # replica died, actor error: unavailable, never a trace
         raise ApiError(503, f"{service} is unavailable; retry the request.",
                        code=code) from exc
-    if unwrap and is_error_payload(result):
+    if is_error_payload(result):
         raise ApiError.from_payload(result)
     return result
 
 
 class LocalLLMClient:
-    """LLMClient over the LocalLLM deployment."""
+    """The local model as a fallback-chain target, over the LocalLLM deployment."""
 
     def __init__(self, handle: LazyHandle, timeout_s: float) -> None:
         self.handle = handle

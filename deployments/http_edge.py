@@ -17,7 +17,7 @@ from serve_app.address_gate import AddressGate
 from serve_app.errors import ApiError, error_body, error_response, param_from_location
 from serve_app.gateway.request_context import RequestContext, client_request_id_from, new_request_id
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("ray.serve")  # into the replica's log file
 
 REQUEST_ID_HEADER = "x-request-id"  # the caller's correlation id (Serve echoes it)
 SERVER_ID_HEADER = "x-llmstack-request-id"  # ours: the key of the request's usage row

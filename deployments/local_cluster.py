@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 
 from deployments.launch import app_config, deploy, load_config, shutdown_cluster, start_ray
-from serve_app.routing.config import DEFAULT_MODEL_FILE
+from serve_app.routing.config import ClassifierSettings
 from serve_app.settings import PROJECT_ROOT
 
 LOCAL_CONFIG = PROJECT_ROOT / "configs" / "local.yaml"
@@ -67,9 +67,10 @@ class LocalStack:
         (benchmarks compare two configurations side by side this way)."""
         config = copy.deepcopy(self.base_config)
         stack = app_config(config, "stack")
-        # Every stack shares the router model `make test`/`make run` trained under var/.
+        # Every stack shares one router model: one trained under var/ if there is one, else
+        # the repository's shipped file (test data dirs are empty).
         stack["args"] = deep_merge(stack["args"], {"router": {"classifier": {
-            "model_path": str(PROJECT_ROOT / "var" / DEFAULT_MODEL_FILE)}}})
+            "model_path": str(ClassifierSettings().resolved(PROJECT_ROOT / "var"))}}})
         for name, (prefix, overrides) in (extra_stacks or {}).items():
             extra = copy.deepcopy(stack)
             extra.update(name=name, route_prefix=prefix)

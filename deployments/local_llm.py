@@ -52,9 +52,6 @@ class LocalLLM:
         """Tokenizer and chat template, so gateways count prompts exactly as this engine."""
         return read_tokenizer_files(self.engine.model_path)
 
-    def count_tokens(self, text: str) -> int:
-        return self.engine.count_tokens(text)
-
     def running_requests(self) -> int:
         return self.engine.running_requests()
 

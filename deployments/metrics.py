@@ -1,4 +1,6 @@
-"""Metric names and objects (Ray Serve metrics: shown in the Ray dashboard / Prometheus).
+"""Every metric of the stack (Ray Serve metrics: the Ray dashboard, Prometheus), in one
+place: the Gateway's and AgentRunner's request metrics (`serve_metrics`), the Quota's per-key
+events (`QuotaMetrics`) and the semantic cache's (`RayCacheMetrics`).
 
 Attribute names follow the OpenTelemetry GenAI conventions where one exists, with dots
 turned into underscores because Prometheus tag keys cannot hold dots.
@@ -7,6 +9,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 from typing import Any
+
+from serve_app.quota.ledger import UsageRow
 
 LATENCY_BOUNDARIES_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
 
@@ -33,3 +37,94 @@ class _Metrics:
 def serve_metrics() -> Any:
     """One set of metric objects per process (created inside the replica)."""
     return _Metrics()
+
+
+class QuotaMetrics:
+    """The Quota's events (per key: requests, tokens, spend, rejections, alerts)."""
+
+    def __init__(self) -> None:
+        from ray.serve import metrics
+
+        keys = ("tenant", "key_id")
+        self.requests = metrics.Counter("llmstack_key_requests_total",
+                                        "Requests per key and status.", tag_keys=keys + ("status",))
+        self.tokens = metrics.Counter("llmstack_key_tokens_total", "Tokens per key.",
+                                      tag_keys=keys + ("direction",))
+        self.cost = metrics.Counter("llmstack_cost_usd_total", "Spend in USD per key and model.",
+                                    tag_keys=keys + ("model",))
+        self.remaining = metrics.Gauge("llmstack_budget_remaining_usd",
+                                       "Budget left in the current period.", tag_keys=keys)
+        self.rejections = metrics.Counter("llmstack_rate_limited_total",
+                                          "Requests refused by a limit (rpm, tpm, budget).",
+                                          tag_keys=keys + ("limit",))
+        self.alerts = metrics.Counter("llmstack_budget_alerts_total", "Budget alerts fired.",
+                                      tag_keys=keys + ("threshold",))
+
+    def rate_limited(self, tenant: str, key_id: str, limit: str) -> None:
+        self.rejections.inc(tags={"tenant": tenant, "key_id": key_id, "limit": limit})
+
+    def settled(self, row: UsageRow, remaining_budget: float | None) -> None:
+        tags = {"tenant": row.tenant_id, "key_id": row.key_id}
+        self.requests.inc(tags={**tags, "status": str(row.status)})
+        # Ray counters refuse an increment of 0 (a cache hit has no tokens).
+        if row.tokens_in:
+            self.tokens.inc(row.tokens_in, tags={**tags, "direction": "input"})
+        if row.tokens_out:
+            self.tokens.inc(row.tokens_out, tags={**tags, "direction": "output"})
+        if row.cost_usd:
+            self.cost.inc(row.cost_usd, tags={**tags, "model": row.model or ""})
+        if remaining_budget is not None:
+            self.remaining.set(remaining_budget, tags=tags)
+
+    def alert(self, tenant: str, key_id: str, threshold: float) -> None:
+        self.alerts.inc(tags={"tenant": tenant, "key_id": key_id, "threshold": str(threshold)})
+
+
+SIMILARITY_BOUNDARIES = [0.5, 0.6, 0.7, 0.8, 0.85, 0.88, 0.9, 0.92, 0.94, 0.96, 0.98, 0.99, 1.0]
+LOOKUP_BOUNDARIES_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
+
+
+class RayCacheMetrics:
+    """CacheMetrics on ray.serve.metrics (Ray dashboard / Prometheus)."""
+
+    def __init__(self) -> None:
+        from ray.serve import metrics
+
+        self._hits = metrics.Counter("llmstack_cache_hits_total", "Semantic cache hits.",
+                                     tag_keys=("match", "namespace"))
+        self._misses = metrics.Counter("llmstack_cache_misses_total",
+                                       "Semantic cache misses by reason.",
+                                       tag_keys=("reason", "namespace"))
+        self._similarity = metrics.Histogram(
+            "llmstack_cache_hit_similarity", "Cosine similarity of served cache hits.",
+            boundaries=SIMILARITY_BOUNDARIES, tag_keys=("match",))
+        self._latency = metrics.Histogram(
+            "llmstack_cache_lookup_latency_seconds", "Cache lookup time inside the replica.",
+            boundaries=LOOKUP_BOUNDARIES_S)
+        self._entries = metrics.Gauge("llmstack_cache_entries", "Entries in the cache table.")
+        self._evictions = metrics.Counter("llmstack_cache_evictions_total",
+                                          "Entries removed by TTL expiry or the size cap.",
+                                          tag_keys=("reason",))
+        self._saved = metrics.Counter("llmstack_cache_saved_usd_total",
+                                      "Estimated spend avoided by cache hits (USD).",
+                                      tag_keys=("gen_ai_request_model",))
+
+    def hit(self, match: str, similarity: float, namespace: str) -> None:
+        self._hits.inc(tags={"match": match, "namespace": namespace})
+        self._similarity.observe(similarity, tags={"match": match})
+
+    def miss(self, reason: str, namespace: str) -> None:
+        self._misses.inc(tags={"reason": reason, "namespace": namespace})
+
+    def lookup_seconds(self, seconds: float) -> None:
+        self._latency.observe(seconds)
+
+    def entries(self, count: int) -> None:
+        self._entries.set(count)
+
+    def evicted(self, count: int, reason: str) -> None:
+        self._evictions.inc(count, tags={"reason": reason})
+
+    def saved(self, usd: float, model: str) -> None:
+        if usd > 0:
+            self._saved.inc(usd, tags={"gen_ai_request_model": model})

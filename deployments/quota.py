@@ -10,6 +10,7 @@ from typing import Any
 
 from ray import serve
 
+from deployments.metrics import QuotaMetrics
 from serve_app.accounts.store import AccountStore
 from serve_app.errors import ApiError, error_boundary
 from serve_app.quota.alerts import WebhookNotifier
@@ -19,45 +20,6 @@ from serve_app.secrets_store import env_or_generated
 from serve_app.settings import StackAppSettings
 
 alert_logger = logging.getLogger("llmstack.alerts")
-
-
-class _MetricEvents:
-    def __init__(self) -> None:
-        from ray.serve import metrics
-
-        keys = ("tenant", "key_id")
-        self.requests = metrics.Counter("llmstack_key_requests_total",
-                                        "Requests per key and status.", tag_keys=keys + ("status",))
-        self.tokens = metrics.Counter("llmstack_key_tokens_total", "Tokens per key.",
-                                      tag_keys=keys + ("direction",))
-        self.cost = metrics.Counter("llmstack_cost_usd_total", "Spend in USD per key and model.",
-                                    tag_keys=keys + ("model",))
-        self.remaining = metrics.Gauge("llmstack_budget_remaining_usd",
-                                       "Budget left in the current period.", tag_keys=keys)
-        self.rejections = metrics.Counter("llmstack_rate_limited_total",
-                                          "Requests refused by a limit (rpm, tpm, budget).",
-                                          tag_keys=keys + ("limit",))
-        self.alerts = metrics.Counter("llmstack_budget_alerts_total", "Budget alerts fired.",
-                                      tag_keys=keys + ("threshold",))
-
-    def rate_limited(self, tenant: str, key_id: str, limit: str) -> None:
-        self.rejections.inc(tags={"tenant": tenant, "key_id": key_id, "limit": limit})
-
-    def settled(self, row: UsageRow, remaining_budget: float | None) -> None:
-        tags = {"tenant": row.tenant_id, "key_id": row.key_id}
-        self.requests.inc(tags={**tags, "status": str(row.status)})
-        # Ray counters refuse an increment of 0 (a cache hit has no tokens).
-        if row.tokens_in:
-            self.tokens.inc(row.tokens_in, tags={**tags, "direction": "input"})
-        if row.tokens_out:
-            self.tokens.inc(row.tokens_out, tags={**tags, "direction": "output"})
-        if row.cost_usd:
-            self.cost.inc(row.cost_usd, tags={**tags, "model": row.model or ""})
-        if remaining_budget is not None:
-            self.remaining.set(remaining_budget, tags=tags)
-
-    def alert(self, tenant: str, key_id: str, threshold: float) -> None:
-        self.alerts.inc(tags={"tenant": tenant, "key_id": key_id, "threshold": str(threshold)})
 
 
 def _log_alert(payload: dict[str, Any]) -> None:
@@ -98,7 +60,7 @@ class Quota:
             admin_key,
             notifier=WebhookNotifier(attempts=quota.webhook_attempts,
                                      first_delay_s=quota.webhook_first_delay_s),
-            events=_MetricEvents(), alert_log=_log_alert)
+            events=QuotaMetrics(), alert_log=_log_alert)
 
     # Every method is async, so all of them run on the replica's event loop, one at a
     # time between awaits: Ray runs sync methods in a thread pool, where they would race

@@ -14,60 +14,11 @@ from typing import Any
 
 from ray import serve
 
+from deployments.metrics import RayCacheMetrics
 from serve_app.errors import error_boundary
 from serve_app.settings import StackAppSettings
 
 logger = logging.getLogger("ray.serve")
-
-SIMILARITY_BOUNDARIES = [0.5, 0.6, 0.7, 0.8, 0.85, 0.88, 0.9, 0.92, 0.94, 0.96, 0.98, 0.99, 1.0]
-LOOKUP_BOUNDARIES_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
-
-
-class RayCacheMetrics:
-    """CacheMetrics on ray.serve.metrics (Ray dashboard / Prometheus)."""
-
-    def __init__(self) -> None:
-        from ray.serve import metrics
-
-        self._hits = metrics.Counter("llmstack_cache_hits_total", "Semantic cache hits.",
-                                     tag_keys=("match", "namespace"))
-        self._misses = metrics.Counter("llmstack_cache_misses_total",
-                                       "Semantic cache misses by reason.",
-                                       tag_keys=("reason", "namespace"))
-        self._similarity = metrics.Histogram(
-            "llmstack_cache_hit_similarity", "Cosine similarity of served cache hits.",
-            boundaries=SIMILARITY_BOUNDARIES, tag_keys=("match",))
-        self._latency = metrics.Histogram(
-            "llmstack_cache_lookup_latency_seconds", "Cache lookup time inside the replica.",
-            boundaries=LOOKUP_BOUNDARIES_S)
-        self._entries = metrics.Gauge("llmstack_cache_entries", "Entries in the cache table.")
-        self._evictions = metrics.Counter("llmstack_cache_evictions_total",
-                                          "Entries removed by TTL expiry or the size cap.",
-                                          tag_keys=("reason",))
-        self._saved = metrics.Counter("llmstack_cache_saved_usd_total",
-                                      "Estimated spend avoided by cache hits (USD).",
-                                      tag_keys=("gen_ai_request_model",))
-
-    def hit(self, match: str, similarity: float, namespace: str) -> None:
-        self._hits.inc(tags={"match": match, "namespace": namespace})
-        self._similarity.observe(similarity, tags={"match": match})
-
-    def miss(self, reason: str, namespace: str) -> None:
-        self._misses.inc(tags={"reason": reason, "namespace": namespace})
-
-    def lookup_seconds(self, seconds: float) -> None:
-        self._latency.observe(seconds)
-
-    def entries(self, count: int) -> None:
-        self._entries.set(count)
-
-    def evicted(self, count: int, reason: str) -> None:
-        self._evictions.inc(count, tags={"reason": reason})
-
-    def saved(self, usd: float, model: str) -> None:
-        if usd > 0:
-            self._saved.inc(usd, tags={"gen_ai_request_model": model})
-
 
 # A failing cache costs a miss, never the request.
 @serve.deployment(name="SemanticCache", num_replicas=1, max_ongoing_requests=1000,

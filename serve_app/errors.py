@@ -109,7 +109,9 @@ def error_boundary(service: str, code: str, *, status: int = 503,
     raising it. Exceptions
     of a type in `mapped` become the ApiError it makes; anything else is logged and
     becomes `status`/`code` with a message that names only the service."""
-    log = logging.getLogger(f"deployments.{service}")
+    # Serve writes the "ray.serve" logger into the replica's own log file (other loggers
+    # end up in the worker's stderr file, where nobody looks).
+    log = logging.getLogger("ray.serve")
     mapping = dict(mapped or {})
 
     def as_error(exc: Exception) -> ApiError:

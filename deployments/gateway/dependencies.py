@@ -20,9 +20,22 @@ def api_key_of(request: Request) -> str | None:
     return bearer_token(request.headers.get("authorization"), request.headers.get("x-api-key"))
 
 
-def gateway_of(request: Request) -> "Gateway":
-    """The replica's Gateway (one per process; it registers itself on the app)."""
-    return request.app.state.gateway
+_gateway: "Gateway | None" = None
+
+
+def bind_gateway(gateway: "Gateway") -> None:
+    """Called by the Gateway's constructor: one Gateway per replica process. (Not
+    `app.state`: Serve pickles the ingress app with the class, so the app a replica serves
+    is a copy of the module's.)"""
+    global _gateway
+    _gateway = gateway
+
+
+def gateway_of() -> "Gateway":
+    """The replica's Gateway."""
+    if _gateway is None:
+        raise ApiError(503, "The gateway is starting; retry shortly.", code="not_ready")
+    return _gateway
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,11 @@ class CacheSettings(BaseModel):
         "embed alike.")
     max_entries: int = Field(100_000, ge=1, description="Size cap; least recently hit "
                              "entries are evicted beyond it.")
+    memory_index: bool = Field(
+        True, description="Lookups read an in-memory mirror of the table (vectors and "
+        "answers, bounded by max_entries: ~1.5 KB plus the answer per entry) instead of "
+        "querying LanceDB (20-100 ms per filtered query here); the table stays the durable "
+        "copy and rebuilds the mirror at start. Off: every lookup queries LanceDB.")
     evict_to_fraction: float = Field(
         0.9, gt=0, le=1, description="Eviction shrinks the table to this share of max_entries.")
     insert_batch_size: int = Field(64, ge=1, description="Buffered inserts per LanceDB write.")

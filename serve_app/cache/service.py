@@ -72,7 +72,8 @@ class CacheService:
             search_candidates=settings.search_candidates,
             index_threshold=settings.index_build_threshold, index_type=settings.index_type,
             compact_after_fragments=settings.compact_after_fragments,
-            cleanup_older_than_s=settings.cleanup_older_than_s)
+            cleanup_older_than_s=settings.cleanup_older_than_s,
+            memory_index=settings.memory_index)
         self.counts = {"hits": 0, "misses": 0, "stores": 0, "saved_usd": 0.0}
 
     # ---- the request path ------------------------------------------------------------

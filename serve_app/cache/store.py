@@ -5,7 +5,9 @@ buffered and written in batches, because every LanceDB write makes a new data fr
 and searching many small fragments is slow; `optimize()` compacts the fragments and,
 once the table is large enough, builds the ANN index (HNSW over scalar-quantised vectors,
 or IVF_FLAT) and B-tree indexes on the filter columns. Entries still in the write buffer
-are searched in memory, so an answer is findable as soon as it is stored.
+are searched in memory, so an answer is findable as soon as it is stored. With
+`memory_index` (the default) every lookup reads an in-memory mirror of the table
+(memory_index.py) instead of querying LanceDB; the table stays the durable copy.
 
 Lookups filter on tenant, scope key and expiry *before* the vector search (prefilter),
 so one tenant's entries are never candidates for another's request. Filters are built
@@ -34,6 +36,8 @@ import numpy as np
 import pyarrow as pa
 from lancedb.expr import Expr, col, lit
 from lancedb.index import BTree, HnswSq, IvfFlat
+
+from serve_app.cache.memory_index import MemoryIndex
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +138,7 @@ class CacheStore:
                  batch_size: int = 64, search_candidates: int = 8,
                  index_threshold: int = 10_000, index_type: str = "IVF_FLAT",
                  compact_after_fragments: int = 16,
-                 cleanup_older_than_s: float = 300.0) -> None:
+                 cleanup_older_than_s: float = 300.0, memory_index: bool = True) -> None:
         if isinstance(uri, Path):
             uri.mkdir(parents=True, exist_ok=True)
         self.uri = str(uri)
@@ -155,6 +159,11 @@ class CacheStore:
         self._write_lock = threading.RLock()
         self._db = lancedb.connect(self.uri)
         self._table = self._open_table()
+        # Lookups read an in-memory mirror of the table (see memory_index.py).
+        self._memory: MemoryIndex | None = None
+        if memory_index:
+            self._memory = MemoryIndex()
+            self._memory.add(self._table.to_arrow().to_pylist())
 
     # ---- opening -------------------------------------------------------------------
 
@@ -178,6 +187,9 @@ class CacheStore:
         Only live entries (expires_at > now) of this tenant and scope are candidates. A
         semantic candidate must reach `threshold` and pass `guard(query_text, prompt)`.
         """
+        if self._memory is not None:
+            return self._lookup_in_memory(tenant, scope_key, prompt_hash, vector, threshold,
+                                          now, query_text, guard, semantic)
         scope = ((col("tenant") == lit(tenant)) & (col("scope_key") == lit(scope_key))
                  & (col("expires_at") > lit(float(now))))
         buffered = self._buffered(tenant, scope_key, now)
@@ -203,20 +215,22 @@ class CacheStore:
         for entry in buffered:
             scored[entry.id] = (float(np.dot(query, entry.vector)), entry.row())
         ranked = sorted(scored.values(), key=lambda item: -item[0])
-        if not ranked:
-            return LookupOutcome(None, None, "empty", 0)
-        rejected = "below_threshold"
-        for similarity, row in ranked:
-            if similarity < threshold:
-                break
-            if guard is not None:
-                verdict = guard(query_text, row["prompt"])
-                if not verdict.ok:
-                    rejected = f"guard:{verdict.reason}"
-                    continue
-            hit = _hit_from_row(row, min(similarity, 1.0), "semantic")
-            return LookupOutcome(hit, ranked[0][0], None, len(ranked))
-        return LookupOutcome(None, ranked[0][0], rejected, len(ranked))
+        return _best(ranked, threshold, query_text, guard)
+
+    def _lookup_in_memory(self, tenant: str, scope_key: str, prompt_hash: str,
+                          vector: Sequence[float] | np.ndarray | None, threshold: float,
+                          now: float, query_text: str, guard: GuardFn | None,
+                          semantic: bool) -> LookupOutcome:
+        assert self._memory is not None
+        if prompt_hash:
+            row = self._memory.exact(tenant, scope_key, prompt_hash, now)
+            if row is not None:
+                return LookupOutcome(_hit_from_row(row, 1.0, "exact"), 1.0, None, 1)
+        if not semantic or vector is None:
+            return LookupOutcome(None, None, "no_exact_match", 0)
+        ranked = self._memory.nearest(tenant, scope_key, self._unit(vector), now,
+                                      self.search_candidates)
+        return _best(ranked, threshold, query_text, guard)
 
     def _buffered(self, tenant: str, scope_key: str, now: float) -> list[CacheEntry]:
         with self._buffer_lock:
@@ -241,6 +255,8 @@ class CacheStore:
         for entry in entries:
             entry.vector = self._unit(entry.vector)
             prepared.append(entry)
+        if self._memory is not None:  # findable at once, before the batch is written
+            self._memory.add(entry.row() for entry in prepared)
         with self._buffer_lock:
             self._pending.extend(prepared)
             full = len(self._pending) >= self.batch_size
@@ -254,6 +270,8 @@ class CacheStore:
 
     def record_hit(self, entry_id: str, now: float) -> None:
         """Count a hit; written with the next flush (one write for many hits)."""
+        if self._memory is not None:
+            self._memory.record_hit(entry_id, now)
         with self._buffer_lock:
             for entry in self._pending:
                 if entry.id == entry_id:
@@ -350,11 +368,19 @@ class CacheStore:
             deleted = 0
             for start in range(0, len(ids), _DELETE_CHUNK):
                 chunk = [str(x) for x in ids[start:start + _DELETE_CHUNK]]
-                deleted += self._delete(col("id").isin(chunk).to_sql())
+                deleted += self._delete(col("id").isin(chunk).to_sql(), chunk)
         self.counters["evicted"] += deleted
         return deleted
 
-    def _delete(self, predicate: str) -> int:
+    def _delete(self, predicate: str, ids: list[str] | None = None) -> int:
+        """Delete rows matching `predicate` (their `ids`, when known): from the mirror
+        first, so no lookup serves a row on its way out, then from the table."""
+        if self._memory is not None:
+            if ids is None:
+                found = (self._table.search().where(predicate).select(["id"]).limit(None)
+                         .to_arrow())
+                ids = [str(x) for x in found["id"].to_pylist()]
+            self._memory.remove(ids)
         return int(self._table.delete(predicate).num_deleted_rows)
 
     # ---- maintenance -----------------------------------------------------------------
@@ -451,6 +477,25 @@ def _invalidation_filter(kind: str, value: str | None, tenant: str | None) -> st
         # lancedb.expr has no array function; lit() still does the quoting.
         parts.append(f"array_has(source_ids, {lit(str(value)).to_sql()})")
     return " AND ".join(f"({part})" for part in parts) or "true"
+
+
+def _best(ranked: list[tuple[float, dict[str, Any]]], threshold: float, query_text: str,
+          guard: GuardFn | None) -> LookupOutcome:
+    """The first candidate, best first, that reaches the threshold and passes the guard."""
+    if not ranked:
+        return LookupOutcome(None, None, "empty", 0)
+    rejected = "below_threshold"
+    for similarity, row in ranked:
+        if similarity < threshold:
+            break
+        if guard is not None:
+            verdict = guard(query_text, row["prompt"])
+            if not verdict.ok:
+                rejected = f"guard:{verdict.reason}"
+                continue
+        hit = _hit_from_row(row, min(similarity, 1.0), "semantic")
+        return LookupOutcome(hit, ranked[0][0], None, len(ranked))
+    return LookupOutcome(None, ranked[0][0], rejected, len(ranked))
 
 
 def _sql(expr: Expr) -> str:

@@ -83,9 +83,6 @@ class VLLMChatEngine:
             encoded = encoded["input_ids"]
         return list(encoded)
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text, add_special_tokens=False))
-
     def _prepare(self, request: ChatCompletionRequest, stream: bool):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams

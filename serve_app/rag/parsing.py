@@ -54,9 +54,6 @@ class ParsedDocument:
     pages: int | None = None
     warnings: list[str] = field(default_factory=list)
 
-    def text_chars(self) -> int:
-        return sum(len(block.text) for block in self.blocks)
-
 
 # ---------------------------------------------------------------------------- entry point
 def load_document(doc: DocumentIn, settings: RagSettings,

@@ -59,7 +59,10 @@ def stack(cluster, tmp_path_factory, providers):
             "tiers": {"small": ["local", "fake-mini"],
                       "medium": ["fake-mini", "fake-frontier", "local"],
                       "large": ["fake-frontier", "fake-mini", "local"]},
-            "policy": {"thresholds": {"small_below": 0.1, "large_from": 0.5}}}})
+            "policy": {"thresholds": {"small_below": 0.1, "large_from": 0.5}}}},
+        # Providers are called in-process, so each Gateway replica has its own breakers:
+        # one replica makes "open after 3 failures" exact (autoscaling could add one).
+        deployments={"Gateway": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}}})
     cluster.key = create_key(cluster.base_url, tenant="routing")["key"]
     return cluster
 

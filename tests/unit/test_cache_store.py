@@ -43,9 +43,10 @@ def rng():
     return np.random.default_rng(7)
 
 
-@pytest.fixture
-def store(tmp_path):
-    return CacheStore(tmp_path / "cache", dim=DIM, batch_size=4)
+@pytest.fixture(params=[True, False], ids=["memory_index", "lancedb_queries"])
+def store(tmp_path, request):
+    """Every behaviour holds with lookups from the in-memory mirror and from LanceDB."""
+    return CacheStore(tmp_path / "cache", dim=DIM, batch_size=4, memory_index=request.param)
 
 
 def test_exact_hash_hits_even_with_another_vector(store, rng):
@@ -294,3 +295,23 @@ def test_bad_vectors_are_refused(store):
         store.add([entry(np.ones(3, dtype=np.float32))])
     with pytest.raises(ValueError, match="non-zero"):
         store.add([entry(np.zeros(DIM, dtype=np.float32))])
+
+
+def test_the_mirror_is_rebuilt_from_the_table_and_follows_every_deletion(tmp_path, rng):
+    """After a restart the mirror holds exactly the table's live rows; invalidation,
+    expiry and eviction remove rows from it as from the table."""
+    first = CacheStore(tmp_path / "cache", dim=DIM, batch_size=64)
+    vectors = [unit(rng) for _ in range(6)]
+    for i, vector in enumerate(vectors):
+        first.add([entry(vector, prompt=f"question {i}", prompt_hash=f"h{i}",
+                         tenant="acme" if i < 4 else "globex")])
+    first.close()
+    store = CacheStore(tmp_path / "cache", dim=DIM, batch_size=64)
+    assert len(store._memory) == 6
+    assert lookup(store, vectors[1], prompt_hash="h1").hit.match == "exact"
+    assert lookup(store, near(vectors[2], 0.97, rng)).hit.prompt == "question 2"
+    assert store.invalidate("tenant", "globex") == 2
+    assert len(store._memory) == 4
+    assert lookup(store, vectors[4], tenant="globex", prompt_hash="h4").hit is None
+    store.evict(max_entries=2)
+    assert len(store._memory) == 2 == store.count()
