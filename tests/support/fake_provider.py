@@ -55,6 +55,7 @@ class Fault:
     drop: bool = False
     drop_after_chunks: int | None = None
     chunk_delay_s: float = 0.0
+    garbage: str | None = None  # a 200 whose body is this text, not a completion
 
     @classmethod
     def from_dict(cls, value: dict[str, Any]) -> "Fault":
@@ -226,6 +227,13 @@ class FakeProvider:
             return
         if not isinstance(body.get("messages"), list) or not body.get("model"):
             await _send_json(writer, 400, _error(400, "model and messages are required"))
+            return
+        if fault.garbage is not None:
+            data = fault.garbage.encode()
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                         + f"content-length: {len(data)}\r\nconnection: close\r\n\r\n".encode()
+                         + data)
+            await writer.drain()
             return
         if body.get("stream"):
             await self._stream(body, fault, writer)

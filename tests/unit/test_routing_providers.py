@@ -167,6 +167,16 @@ async def test_400_is_not_retried_and_does_not_fall_back(fake):
     assert fake.calls == 1
 
 
+@pytest.mark.parametrize("garbage", ["<html>gateway error</html>", '{"object": "list"}',
+                                     "[1, 2]"])
+async def test_a_200_that_is_not_a_completion_is_a_server_failure(fake, garbage):
+    """The body is read raw (no SDK model): what is not a chat completion is the
+    provider's failure (retried, then a payload the fallback walker hops on)."""
+    fake.set_default(Fault(garbage=garbage))
+    result = await remote(fake).chat("provider-a", REQUEST, "req-g")
+    assert result["__error__"] and result["hop"] == "server"
+
+
 async def test_connection_drop_is_a_connect_error(fake):
     fake.set_default(Fault(drop=True))
     result = await remote(fake).chat("provider-a", REQUEST, "r")
