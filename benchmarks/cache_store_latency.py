@@ -5,7 +5,8 @@
 
 Fills a LanceDB table in a temp dir with random unit vectors spread over 50 tenants and
 4 scopes each, then times lookups that miss the exact path and go to the vector search
-(prefiltered by tenant, scope and expiry): no index (exact scan), IVF_HNSW_SQ, IVF_FLAT;
+(prefiltered by tenant, scope and expiry): the in-memory mirror (the default), and LanceDB
+queries with no index (exact scan), IVF_HNSW_SQ, IVF_FLAT;
 plus the effect of many small fragments (one write per insert) against a compacted table.
 This is what sets `index_build_threshold` and why inserts are batched.
 Writes benchmarks/results/cache_store_latency.json.
@@ -67,9 +68,11 @@ def run(sizes: list[int], lookups: int, modes: list[str]) -> dict[str, Any]:
         for mode in modes:
             rng = np.random.default_rng(size)
             with tempfile.TemporaryDirectory() as folder:
+                lancedb_mode = mode not in ("no_index", "memory_index")
                 store = CacheStore(Path(folder), dim=DIM, batch_size=max(size, 1),
-                                   index_threshold=256 if mode != "no_index" else 10**12,
-                                   index_type=mode if mode != "no_index" else "IVF_HNSW_SQ")
+                                   index_threshold=256 if lancedb_mode else 10**12,
+                                   index_type=mode if lancedb_mode else "IVF_HNSW_SQ",
+                                   memory_index=mode == "memory_index")
                 vectors = fill(store, size, rng)
                 started = time.perf_counter()
                 store.optimize(force=True)
@@ -78,7 +81,8 @@ def run(sizes: list[int], lookups: int, modes: list[str]) -> dict[str, Any]:
         results[str(size)] = row
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as folder:
-        store = CacheStore(Path(folder), dim=DIM, batch_size=1, index_threshold=10**12)
+        store = CacheStore(Path(folder), dim=DIM, batch_size=1, index_threshold=10**12,
+                           memory_index=False)
         vectors = fill(store, 300, rng, one_by_one=True)
         fragmented = time_lookups(store, vectors, lookups, rng)
         fragments = store.stats()["fragments"]
@@ -93,15 +97,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[5_000, 50_000])
     parser.add_argument("--lookups", type=int, default=200)
-    parser.add_argument("--modes", nargs="+", default=["no_index", "IVF_FLAT", "IVF_HNSW_SQ"])
+    parser.add_argument("--modes", nargs="+",
+                        default=["memory_index", "no_index", "IVF_FLAT", "IVF_HNSW_SQ"])
     args = parser.parse_args()
     results = run(args.sizes, args.lookups, args.modes)
     path = write_result("cache_store_latency", {
         "command": "python -m benchmarks.cache_store_latency --sizes "
                    + " ".join(map(str, args.sizes)) + f" --lookups {args.lookups} --modes "
                    + " ".join(args.modes),
-        "note": "no_index still has the B-tree indexes on the filter columns (from "
-                "1,000 rows); every lookup runs the exact-hash query and the vector search",
+        "note": "memory_index: lookups from the in-memory mirror (the default since the "
+                "redesign); the other modes query LanceDB. no_index still has the B-tree "
+                "indexes on the filter columns (from 1,000 rows); every lookup runs the "
+                "exact-hash query and the vector search",
         "tenants": TENANTS, "scopes_per_tenant": SCOPES, "dim": DIM, "results": results})
     for size, row in results.items():
         print(size, row)

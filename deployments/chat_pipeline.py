@@ -131,6 +131,8 @@ class ServeChatPipeline:
         """Wait for settlements (and cache stores) still in flight."""
         if self._service is not None:
             await self._service.drain()
+        self.cache.flush_savings()
+        await asyncio.gather(*self.cache.background.tasks, return_exceptions=True)
         await self.providers.aclose()
 
     def settle_leftover(self, context: RequestContext) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -161,10 +162,19 @@ class BackgroundCalls:
 class CacheClient:
     """The cache port over the SemanticCache deployment. A failing cache is a miss."""
 
-    def __init__(self, handle: Any, timeout_s: float = 10.0) -> None:
+    # Savings (a metric and a counter in the cache's stats; the ledger row has the exact
+    # amount) are summed here and sent at most this often: one handle call per hit was a
+    # quarter of a hit's round trips.
+    SAVINGS_EVERY_S = 2.0
+
+    def __init__(self, handle: Any, timeout_s: float = 10.0,
+                 clock: Any = time.monotonic) -> None:
         self.handle = handle
         self.timeout_s = timeout_s
         self.background = BackgroundCalls()
+        self.clock = clock
+        self._savings: dict[str, float] = {}
+        self._savings_sent = clock()
 
     async def lookup(self, tenant: str, decision: dict[str, Any],
                      vector: list[float] | None, exact_only: bool = False) -> dict[str, Any]:
@@ -182,7 +192,15 @@ class CacheClient:
             tenant, decision, vector, completion, source_ids, tier))
 
     def record_saving(self, usd: float, model: str) -> None:
-        self.background.submit("cache saving", self.handle.record_saving.remote(usd, model))
+        self._savings[model] = self._savings.get(model, 0.0) + usd
+        if self.clock() - self._savings_sent >= self.SAVINGS_EVERY_S:
+            self.flush_savings()
+
+    def flush_savings(self) -> None:
+        savings, self._savings = self._savings, {}
+        self._savings_sent = self.clock()
+        for model, usd in savings.items():
+            self.background.submit("cache saving", self.handle.record_saving.remote(usd, model))
 
     async def call(self, method: str, *args: Any) -> Any:
         return await call_handle(getattr(self.handle, method).remote(*args), 60,

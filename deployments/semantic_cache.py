@@ -85,8 +85,8 @@ class SemanticCache:
         while True:
             await asyncio.sleep(self.settings.flush_interval_s)
             try:
-                if self.service.store.pending:
-                    await asyncio.to_thread(self.service.flush)
+                if self.service.store.pending_inserts:  # hit counts: at maintenance
+                    await asyncio.to_thread(self.service.flush, hits=False)
                 if time.monotonic() - last_maintenance >= self.settings.maintenance_interval_s:
                     last_maintenance = time.monotonic()
                     await asyncio.to_thread(self.service.maintain)

@@ -193,8 +193,8 @@ class CacheService:
         self.metrics.entries(self.store.count())
         return {"deleted": deleted, "kind": kind, "value": value, "tenant": tenant}
 
-    def flush(self) -> dict[str, Any]:
-        return {"inserted": self.store.flush()}
+    def flush(self, *, hits: bool = True) -> dict[str, Any]:
+        return {"inserted": self.store.flush(hits=hits)}
 
     def maintain(self, *, force_compaction: bool = False) -> dict[str, Any]:
         """Expire, evict beyond the size cap, compact and index. Runs in the background."""

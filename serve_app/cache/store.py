@@ -263,13 +263,14 @@ class CacheStore:
         # Never wait behind a long write (an index build): the next flush takes them.
         if full and self._write_lock.acquire(blocking=False):
             try:
-                return self.flush()
+                return self.flush(hits=False)
             finally:
                 self._write_lock.release()
         return 0
 
     def record_hit(self, entry_id: str, now: float) -> None:
-        """Count a hit; written with the next flush (one write for many hits)."""
+        """Count a hit; written by the next full flush (maintenance, eviction, close): one
+        write for many hits."""
         if self._memory is not None:
             self._memory.record_hit(entry_id, now)
         with self._buffer_lock:
@@ -286,8 +287,16 @@ class CacheStore:
         with self._buffer_lock:
             return len(self._pending) + len(self._hits)
 
-    def flush(self) -> int:
-        """Write buffered inserts (one LanceDB write) and hit counts. Returns rows inserted."""
+    @property
+    def pending_inserts(self) -> int:
+        with self._buffer_lock:
+            return len(self._pending)
+
+    def flush(self, *, hits: bool = True) -> int:
+        """Write buffered inserts (one LanceDB write) and, with `hits`, the hit counts.
+        Returns rows inserted. Hit counts only order eviction (the mirror has them live),
+        and writing them is a LanceDB query plus a merge: the frequent background flush
+        leaves them to maintenance."""
         with self._write_lock:
             with self._buffer_lock:
                 batch, self._pending = self._pending, []
@@ -305,7 +314,8 @@ class CacheStore:
             finally:
                 with self._buffer_lock:
                     self._flushing = []
-            self._flush_hits()
+            if hits:
+                self._flush_hits()
         return len(batch)
 
     def _flush_hits(self) -> None:
