@@ -43,6 +43,12 @@ class CacheSettings(BaseModel):
         30 * 86_400.0, gt=0, description="Upper bound for a per-request `cache.ttl`.")
     min_request_threshold: float = Field(
         0.5, gt=0, le=1, description="Lowest `cache.threshold` a request may ask for.")
+    unset_temperature: Literal["cache", "sampled"] = Field(
+        "cache", description="A request that sets no temperature (the OpenAI SDK's default, "
+        "so most FAQ and support clients): 'cache' treats it as cacheable, since the client "
+        "asked for no variety and a stored answer is one sample of what the model says; "
+        "'sampled' treats it as OpenAI's 1.0 (cached only where allow_temperature or the "
+        "key's cache_sampled allows).")
     allow_temperature: bool = Field(
         False, description="Cache requests sampled with temperature > 0 (an unset "
         "temperature means 1.0) for every key. Keys can also opt in one by one.")

@@ -10,8 +10,11 @@ A request is looked up in two parts:
   except the few that cannot change the answer (stream, user, ...). Unknown extra
   parameters are part of the scope: an unknown knob is assumed to change the answer.
 
-Not cacheable by default: sampled requests (temperature > 0; an unset temperature is
-OpenAI's 1.0) unless the settings or the key opt in, requests with tools, and n > 1.
+Not cacheable by default: sampled requests (an explicit temperature > 0) unless the
+settings or the key opt in, requests with tools, and n > 1. A request that sets no
+temperature is cacheable (`cache.unset_temperature: cache`; 'sampled' counts it as
+OpenAI's 1.0): otherwise clients on the SDK's defaults, the FAQ traffic the cache exists
+for, never hit. Unset and 0 are separate scopes (parameters are part of the scope key).
 Per request: `cache: {"no_cache", "no_store", "ttl", "threshold", "namespace"}` in the
 body (OpenAI SDK `extra_body`) and `Cache-Control: no-cache | no-store` headers.
 """
@@ -154,7 +157,10 @@ def _not_cacheable(request: Mapping[str, Any], last: Mapping[str, Any],
     if int(request.get("n") or 1) > 1:
         return "n"
     temperature = request.get("temperature")
-    effective = DEFAULT_TEMPERATURE if temperature is None else float(temperature)
+    if temperature is None:
+        effective = 0.0 if settings.unset_temperature == "cache" else DEFAULT_TEMPERATURE
+    else:
+        effective = float(temperature)
     if effective > 0 and not (allow_sampled or settings.allow_temperature):
         return "temperature"
     if last.get("role") != "user":

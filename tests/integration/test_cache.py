@@ -105,6 +105,20 @@ def test_streamed_answers_are_stored(stack):
     assert raw.parse().choices[0].message.content == streamed
 
 
+def test_sdk_defaults_without_a_temperature_are_served_from_the_cache(stack):
+    """The OpenAI SDK sends no temperature unless told: FAQ clients on its defaults hit."""
+    client = OpenAI(base_url=f"{stack.base_url}/v1", api_key=stack.keys["alpha"]["key"])
+    question = [{"role": "user", "content": "How do I reset my password?"}]
+    first = client.chat.completions.with_raw_response.create(
+        model=MODEL, max_tokens=12, messages=question)
+    assert first.headers["x-cache"] == "miss"
+    time.sleep(0.5)
+    again = client.chat.completions.with_raw_response.create(
+        model=MODEL, max_tokens=12, messages=question)
+    assert again.headers["x-cache"] == "hit"
+    assert again.parse().choices[0].message.content == first.parse().choices[0].message.content
+
+
 def test_tenants_never_share_answers(stack):
     ask(stack, "What does a tenant-isolated cache mean?", tenant="alpha")
     assert ask(stack, "What does a tenant-isolated cache mean?",

@@ -39,7 +39,10 @@ def stack(cluster, tmp_path_factory, webhook):
                    "webhook_first_delay_s": 0.05, "settle_retry_s": 60},
          "router": {"local": {"price_in_per_mtok": PRICE_PER_TOKEN * 1e6,
                               "price_out_per_mtok": PRICE_PER_TOKEN * 1e6}},
-         "gateway": {"log_prompts": "hash"}},
+         "gateway": {"log_prompts": "hash"},
+         # Limits and budgets are about generated answers: its repeated prompts set no
+         # temperature, which the cache would serve (at $0) by default.
+         "cache": {"enabled": False}},
         deployments={"Gateway": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.25}}})
     cluster.data_dir = data_dir
     return cluster

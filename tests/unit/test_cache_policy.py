@@ -33,7 +33,6 @@ def test_deterministic_request_is_looked_up_and_stored():
 
 
 @pytest.mark.parametrize(("overrides", "reason"), [
-    ({"temperature": None}, "temperature"),  # unset means OpenAI's 1.0
     ({"temperature": 0.7}, "temperature"),
     ({"n": 2}, "n"),
     ({"tools": [{"type": "function", "function": {"name": "lookup"}}]}, "tools"),
@@ -45,6 +44,16 @@ def test_not_cacheable_requests_skip_lookup_and_store(overrides, reason):
     decision = plan(request(**overrides))
     assert not decision.lookup and not decision.store
     assert decision.reason == reason
+
+
+def test_an_unset_temperature_is_cacheable_by_default_and_sampled_when_configured():
+    """The OpenAI SDK sends no temperature unless asked: those clients must get hits."""
+    unset = request(temperature=None)
+    assert plan(unset).cacheable
+    assert plan(unset).scope_key != plan(request(temperature=0)).scope_key
+    as_sampled = CacheSettings(unset_temperature="sampled")
+    assert plan(unset, settings=as_sampled).reason == "temperature"
+    assert plan(unset, settings=as_sampled, allow_sampled=True).cacheable
 
 
 def test_sampled_requests_are_cached_when_the_key_or_the_settings_opt_in():
