@@ -105,9 +105,11 @@ class ServeChatPipeline:
                                         timeout_s=self.settings.gateway.request_timeout_s)
 
     async def classify(self, text: str, vector: list[float],
-                       thresholds: dict[str, float] | None) -> dict[str, Any]:
+                       thresholds: dict[str, float] | None,
+                       tenant: str | None = None) -> dict[str, Any]:
         # A failure is an ApiError; the router then falls back to a safe tier.
-        return await call_handle(self.classifier.classify.remote(text, vector, thresholds),
+        return await call_handle(self.classifier.classify.remote(text, vector, thresholds,
+                                                                 tenant),
                                  self.settings.gateway.request_timeout_s,
                                  "The router classifier", "classifier_unavailable")
 

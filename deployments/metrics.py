@@ -1,6 +1,7 @@
 """Every metric of the stack (Ray Serve metrics: the Ray dashboard, Prometheus), in one
 place: the Gateway's and AgentRunner's request metrics (`serve_metrics`), the Quota's per-key
-events (`QuotaMetrics`) and the semantic cache's (`RayCacheMetrics`).
+events (`QuotaMetrics`), the semantic cache's (`RayCacheMetrics`) and the router
+classifier's (`RouterMetrics`).
 
 Attribute names follow the OpenTelemetry GenAI conventions where one exists, with dots
 turned into underscores because Prometheus tag keys cannot hold dots.
@@ -128,3 +129,30 @@ class RayCacheMetrics:
     def saved(self, usd: float, model: str) -> None:
         if usd > 0:
             self._saved.inc(usd, tags={"gen_ai_request_model": model})
+
+
+SCORE_BOUNDARIES = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+
+
+class RouterMetrics:
+    """The classifier's decisions per tenant: score distribution, tier shares, drift."""
+
+    def __init__(self) -> None:
+        from ray.serve import metrics
+
+        self._score = metrics.Histogram(
+            "llmstack_router_score", "Complexity score of routed prompts.",
+            boundaries=SCORE_BOUNDARIES, tag_keys=("tenant",))
+        self._tiers = metrics.Counter("llmstack_router_tier_total",
+                                      "Prompts routed to each tier.",
+                                      tag_keys=("tenant", "tier"))
+        self._drift = metrics.Gauge(
+            "llmstack_router_drift", "1 while a tenant's live tier shares are outside the "
+            "calibrated range (see serve_app/routing/drift.py).", tag_keys=("tenant",))
+
+    def routed(self, tenant: str, tier: str, score: float) -> None:
+        self._score.observe(float(score), tags={"tenant": tenant})
+        self._tiers.inc(tags={"tenant": tenant, "tier": tier})
+
+    def drift(self, tenant: str, drifting: bool) -> None:
+        self._drift.set(1.0 if drifting else 0.0, tags={"tenant": tenant})

@@ -226,7 +226,7 @@ class ChatService:
             allowed = principal.get("allowed_models")
             decision = await self.router.decide(
                 route, messages, _reusable_vector(step, routing_text(messages)),
-                principal.get("route_overrides"), allowed)
+                principal.get("route_overrides"), allowed, tenant=ctx.tenant)
             ctx.stage("route", started)
             ctx.tier = decision.tier
             outcome = await self._generate(request, ctx, decision, step, rag)

@@ -21,7 +21,8 @@ from serve_app.routing.policy import RouteRequest, RoutingPolicy
 
 logger = logging.getLogger(__name__)
 
-Classify = Callable[[str, list[float], dict[str, float] | None], Awaitable[dict[str, Any]]]
+Classify = Callable[[str, list[float], dict[str, float] | None, str | None],
+                    Awaitable[dict[str, Any]]]
 Embed = Callable[[list[str]], Awaitable[list[list[float]]]]
 FALLBACK_TIER = "medium"  # where `auto` goes when the classifier cannot answer
 
@@ -135,8 +136,10 @@ class GatewayRouter:
     # ------------------------------------------------------------------ decisions
     async def decide(self, route: RouteRequest, messages: Sequence[Mapping[str, Any]],
                      vector: list[float] | None, overrides: Mapping[str, Any] | None,
-                     allowed: Collection[str] | None = None) -> RouteDecision:
-        """`allowed`: the key's allowed models; targets outside them are left out."""
+                     allowed: Collection[str] | None = None,
+                     tenant: str | None = None) -> RouteDecision:
+        """`allowed`: the key's allowed models; targets outside them are left out.
+        `tenant` labels the classifier's metrics and drift guard."""
         if route.kind == "explicit":
             assert route.target is not None
             return RouteDecision(route, self.chains.for_explicit(route.target, self.policy,
@@ -150,7 +153,7 @@ class GatewayRouter:
             if vector is None:
                 vector = (await self.embed([text]))[0]
             thresholds = (overrides or {}).get("thresholds")
-            verdict = await self.classify(text, vector, thresholds)
+            verdict = await self.classify(text, vector, thresholds, tenant)
         except ApiError as error:
             # No outage of the classifier reaches the client: a safe middle tier answers.
             logger.warning("classifier unavailable (%s); routing to %s", error.message,

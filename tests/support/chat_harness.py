@@ -96,7 +96,8 @@ class RecordingProvider:
         return TargetCalls(complete, stream)
 
 
-async def _classify(text: str, vector: list[float], thresholds: Any) -> dict[str, Any]:
+async def _classify(text: str, vector: list[float], thresholds: Any,
+                    tenant: str | None = None) -> dict[str, Any]:
     return {"tier": "small", "score": 0.1}
 
 

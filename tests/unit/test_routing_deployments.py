@@ -40,6 +40,24 @@ def test_classifier_shell(tmp_path: Path):
     assert calibrated.info()["thresholds"]["large_from"] <= 0.6
 
 
+def test_classifier_shell_warns_when_a_tenants_traffic_leaves_the_calibration(tmp_path: Path,
+                                                                              caplog):
+    payload, vectors, texts = payload_for()
+    payload["calibration"] = {"scores": [0.1, 0.4, 0.6, 0.9], "medium_correct": [1, 1, 0, 0],
+                              "large_correct": [1, 1, 1, 1], "tokens_in": [50] * 4}
+    (tmp_path / "models" / "router").mkdir(parents=True)
+    (tmp_path / "models" / "router" / "complexity-v1.json").write_text(json.dumps(payload))
+    shell = ComplexityClassifier.func_or_class({"data_dir": str(tmp_path), "router": {
+        "policy": {"thresholds": {"small_below": 0.25, "large_from": 0.75}}}})
+    vector = np.asarray(vectors[0]).tolist()
+    with caplog.at_level("WARNING"):
+        tiers = {shell.classify(texts[0], vector, None, "acme")["tier"] for _ in range(150)}
+    assert len(tiers) == 1  # one prompt, one tier: far from the calibrated 25/50/25
+    assert "router drift for tenant 'acme'" in caplog.text
+    assert caplog.text.count("router drift") == 1  # once per period, not per request
+    assert shell._drift.drifting("acme") and not shell._drift.drifting("other")
+
+
 def test_classifier_shell_without_model_file_fails_clearly(tmp_path: Path):
     absent = tmp_path / "absent" / "complexity-v1.json"
     with pytest.raises(ValueError, match="training.train_router"):
