@@ -178,12 +178,13 @@ class CacheClient:
 
     async def lookup(self, tenant: str, decision: dict[str, Any],
                      vector: list[float] | None, exact_only: bool = False) -> dict[str, Any]:
-        response = self.handle.lookup.remote(tenant, decision, vector, exact_only)
         try:
-            return await asyncio.wait_for(_await(response), self.timeout_s)
-        except Exception:
-            logger.warning("cache lookup failed; serving as a miss", exc_info=True)
-            return ApiError(503, "cache unavailable", code="cache_unavailable").to_payload()
+            return await call_handle(
+                self.handle.lookup.remote(tenant, decision, vector, exact_only),
+                self.timeout_s, "The semantic cache", "cache_unavailable")
+        except ApiError as error:  # a failing cache is a miss, never the request's failure
+            logger.warning("cache lookup failed (%s); serving as a miss", error.message)
+            return error.to_payload()
 
     def store(self, tenant: str, decision: dict[str, Any], vector: list[float] | None,
               completion: dict[str, Any], source_ids: list[str] | None,
