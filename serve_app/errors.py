@@ -106,9 +106,9 @@ def error_boundary(service: str, code: str, *, status: int = 503,
                    | None = None) -> Callable[[_Shell], _Shell]:
     """Class decorator for a deployment shell: each public method (sync, coroutine or async
     generator, each kept as it is) returns or yields an ApiError's payload instead of
-    raising it. Exceptions
-    of a type in `mapped` become the ApiError it makes; anything else is logged and
-    becomes `status`/`code` with a message that names only the service."""
+    raising it. Exceptions of a type in `mapped` become the ApiError it makes; anything
+    else is logged and becomes `status`/`code` with a message that names only the
+    service."""
     # Serve writes the "ray.serve" logger into the replica's own log file (other loggers
     # end up in the worker's stderr file, where nobody looks).
     log = logging.getLogger("ray.serve")

@@ -41,6 +41,13 @@ async def _ingest(gateway: Any, tenant: str, collection: str,
     return results
 
 
+async def _delete(gateway: Any, method: str, *args: str) -> dict[str, Any]:
+    """A Retriever deletion, then the cached answers built from what it deleted."""
+    result = await gateway.retriever.call(method, *args)
+    await _invalidate_sources(gateway, result.get("source_ids") or [])
+    return result
+
+
 @router.get("/v1/collections")
 async def rag_collections(gateway: GatewayDep, caller: CallerDep,
                           tenant: str | None = None) -> dict[str, Any]:
@@ -101,19 +108,14 @@ async def rag_list_documents(collection: str, gateway: GatewayDep, caller: Calle
 @router.delete("/v1/collections/{collection}/documents/{doc_id}")
 async def rag_delete_document(collection: str, doc_id: str, gateway: GatewayDep,
                               caller: CallerDep, tenant: str | None = None) -> dict[str, Any]:
-    owner = tenant_scope(caller, tenant)
-    result = await gateway.retriever.call("delete_document", owner, collection, doc_id)
-    await _invalidate_sources(gateway, result.get("source_ids") or [])
-    return result
+    return await _delete(gateway, "delete_document", tenant_scope(caller, tenant), collection,
+                         doc_id)
 
 
 @router.delete("/v1/collections/{collection}")
 async def rag_delete_collection(collection: str, gateway: GatewayDep, caller: CallerDep,
                                 tenant: str | None = None) -> dict[str, Any]:
-    owner = tenant_scope(caller, tenant)
-    result = await gateway.retriever.call("delete_collection", owner, collection)
-    await _invalidate_sources(gateway, result.get("source_ids") or [])
-    return result
+    return await _delete(gateway, "delete_collection", tenant_scope(caller, tenant), collection)
 
 
 @router.post("/v1/retrieve")

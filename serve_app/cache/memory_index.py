@@ -39,7 +39,7 @@ class _Scope:
 
 class MemoryIndex:
     def __init__(self) -> None:
-        self._rows: dict[str, dict[str, Any]] = {}  # id -> row (vector included)
+        self._rows: dict[str, dict[str, Any]] = {}  # id -> row, without its vector
         self._by_hash: dict[tuple[str, str, str], str] = {}
         self._scopes: dict[Partition, _Scope] = {}
         self._lock = threading.Lock()
