@@ -73,9 +73,11 @@ class ComplexityClassifier:
                 self._drift = TierDrift(expected_shares(
                     calibration.get("scores") or [], classifier.thresholds.small_below,
                     classifier.thresholds.large_from))
+            before = self._drift.drifting(tenant) if self._drift.tracked(tenant) else None
             report = self._drift.observe(tenant, result["tier"])
             drifting = self._drift.drifting(tenant)
-        self.metrics.drift(tenant, drifting)
+        if drifting != before:  # a gauge keeps its value: set it when a tenant's changes
+            self.metrics.drift(tenant, drifting)
         if report is not None:
             logger.warning(report.message())
 

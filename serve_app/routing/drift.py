@@ -50,6 +50,7 @@ class _Window:
         self.tiers: deque[str] = deque(maxlen=size)
         self.counts: Counter[str] = Counter()
         self.last_warning = float("-inf")
+        self.drifting = False  # out of range as of the last decision
 
     def add(self, tier: str) -> None:
         if len(self.tiers) == self.tiers.maxlen:
@@ -72,13 +73,6 @@ class TierDrift:
         self.clock = clock
         self._windows: OrderedDict[str, _Window] = OrderedDict()
 
-    def shares(self, tenant: str) -> dict[str, float]:
-        found = self._windows.get(tenant)
-        if found is None or not found.tiers:
-            return {}
-        total = len(found.tiers)
-        return {tier: found.counts[tier] / total for tier in TIER_NAMES}
-
     def observe(self, tenant: str, tier: str) -> DriftReport | None:
         """Record one decision; a report when this tenant's shares left the calibrated
         range (at most once per warn_every_s per tenant)."""
@@ -99,7 +93,8 @@ class TierDrift:
                                                   - self.expected.get(t, 0.0)))
         live = window.counts[worst] / samples
         expected = self.expected.get(worst, 0.0)
-        if abs(live - expected) <= self.tolerance:
+        window.drifting = abs(live - expected) > self.tolerance
+        if not window.drifting:
             return None
         now = self.clock()
         if now - window.last_warning < self.warn_every_s:
@@ -107,11 +102,10 @@ class TierDrift:
         window.last_warning = now
         return DriftReport(tenant, worst, live, expected, samples)
 
+    def tracked(self, tenant: str) -> bool:
+        return tenant in self._windows
+
     def drifting(self, tenant: str) -> bool:
-        """Whether the tenant's current window is out of range (for a gauge)."""
-        shares = self.shares(tenant)
+        """Whether the tenant's window was out of range at its last decision (a gauge)."""
         window = self._windows.get(tenant)
-        if not shares or window is None or len(window.tiers) < self.min_samples:
-            return False
-        return any(abs(shares[t] - self.expected.get(t, 0.0)) > self.tolerance
-                   for t in TIER_NAMES)
+        return window is not None and window.drifting
