@@ -34,10 +34,38 @@ def build_models_app(args: dict[str, Any]) -> Application:
 
 def build_app(args: dict[str, Any]) -> Application:
     settings = StackAppSettings.model_validate(args)
-    services = {"quota": Quota.bind(settings), "cache": SemanticCache.bind(settings),
+    services = {"quota": quota_shards(settings), "cache": SemanticCache.bind(settings),
                 "retriever": Retriever.bind(settings),
                 "classifier": ComplexityClassifier.bind(settings)}
     # The Gateway and the AgentRunner each build the chat pipeline over the same services,
     # so an agent's LLM steps never call back into the Gateway.
     agent = AgentRunner.bind(settings, **services)
     return Gateway.bind(settings, agent=agent, **services)
+
+
+def quota_shard_names(shards: int) -> list[str]:
+    """One shard keeps the plain name 'Quota'; more are Quota-0..Quota-N-1."""
+    return ["Quota"] if shards == 1 else [f"Quota-{shard}" for shard in range(shards)]
+
+
+def quota_shards(settings: StackAppSettings) -> list[Application]:
+    """One single-replica Quota deployment per shard; the clients pick a key's owner
+    (serve_app.quota.sharding)."""
+    return [Quota.options(name=name).bind(settings, shard)
+            for shard, name in enumerate(quota_shard_names(settings.quota.shards))]
+
+
+def expand_quota_overrides(stack_app: dict[str, Any]) -> None:
+    """A stack app config whose `quota.shards` differs from its deployment overrides (e.g.
+    one `Quota` entry and `shards: 4`): the overrides of the first name apply to every
+    shard. Serve refuses overrides of deployments an app does not have."""
+    shards = int(stack_app.get("args", {}).get("quota", {}).get("shards", 1))
+    wanted = quota_shard_names(shards)
+    entries = stack_app.get("deployments") or []
+    quota = [d for d in entries if d.get("name") == "Quota" or
+             str(d.get("name", "")).startswith("Quota-")]
+    if not quota or {d["name"] for d in quota} == set(wanted):
+        return
+    template = {k: v for k, v in quota[0].items() if k != "name"}
+    others = [d for d in entries if d not in quota]
+    stack_app["deployments"] = others + [{"name": name, **template} for name in wanted]

@@ -11,7 +11,10 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from serve_app.accounts.keys import new_key_id
 from serve_app.errors import ApiError, is_error_payload
+from serve_app.quota.batching import Batcher
+from serve_app.quota.sharding import shard_of, shard_of_token
 
 logger = logging.getLogger(__name__)
 
@@ -99,35 +102,76 @@ class LocalLLMClient:
 
 
 class QuotaClient:
-    """The accounting port over the Quota deployment: admit before, settle after."""
+    """The accounting port over the Quota shards: admit before, settle after.
 
-    def __init__(self, handle: Any, *, settle_retry_s: float, timeout_s: float = 15.0) -> None:
-        self.handle = handle
+    Everything about a key goes to its owner shard (serve_app.quota.sharding); admits and
+    settles to one shard are coalesced while a call is in flight (serve_app.quota.
+    batching), so a busy gateway makes one round trip per batch, not per request."""
+
+    def __init__(self, handles: Any, *, settle_retry_s: float, timeout_s: float = 15.0,
+                 max_batch: int = 256, batching: bool = True) -> None:
+        self.handles = list(handles) if isinstance(handles, (list, tuple)) else [handles]
         self.settle_retry_s = settle_retry_s
         self.timeout_s = timeout_s
+        # batching off (benchmark baseline): one call per item, as many in flight as asked.
+        size, in_flight = (max_batch, 1) if batching else (1, 1 << 30)
 
-    async def call(self, method: str, *args: Any) -> Any:
+        def batchers(method: str) -> list[Batcher[Any]]:
+            return [Batcher(self._sender(handle, method), max_batch=size,
+                            max_in_flight=in_flight) for handle in self.handles]
+        self._admits, self._settles = batchers("admit_many"), batchers("settle_many")
+
+    @property
+    def shards(self) -> int:
+        return len(self.handles)
+
+    def _sender(self, handle: Any, method: str) -> Any:
+        async def send(items: list[Any]) -> list[Any]:
+            outcomes = await self._call(handle, method, items)
+            return [ApiError.from_payload(o) if is_error_payload(o) else o for o in outcomes]
+        return send
+
+    async def _call(self, handle: Any, method: str, *args: Any) -> Any:
         # A slow Quota is treated like an absent one (503): settlement retries on it.
-        return await call_handle(getattr(self.handle, method).remote(*args), self.timeout_s,
+        return await call_handle(getattr(handle, method).remote(*args), self.timeout_s,
                                  "The quota service", "quota_unavailable",
                                  timeout_status=503, timeout_code="quota_unavailable")
 
-    async def admit(self, **kwargs: Any) -> dict[str, Any]:
-        return await self.call("admit", kwargs["api_key"], kwargs["model"],
-                               kwargs["model_known"], kwargs["tokens"], kwargs["cost_usd"],
-                               kwargs["request_id"], kwargs.get("key_id"))
+    async def call(self, method: str, *args: Any, key: str | None = None) -> Any:
+        """A single call: to `key`'s owner shard, or (no key: reads over the shared
+        database) to the first shard."""
+        shard = 0 if key is None else shard_of(key, self.shards)
+        return await self._call(self.handles[shard], method, *args)
 
-    async def extend(self, request_id: str, tokens: int, cost_usd: float) -> None:
-        await self.call("extend", request_id, tokens, cost_usd)
+    async def caller(self, token: str | None, check_keys: bool) -> dict[str, Any]:
+        shard = shard_of_token(token, self.shards)
+        return await self._call(self.handles[shard], "caller", token, check_keys)
+
+    async def create_key(self, tenant_id: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """The key id is chosen here, so the shard that will own the key creates it."""
+        key_id = new_key_id()
+        return await self.call("create_key", tenant_id, fields, key_id, key=key_id)
+
+    async def admit(self, **kwargs: Any) -> dict[str, Any]:
+        key_id = kwargs.get("key_id")
+        shard = (shard_of(key_id, self.shards) if key_id is not None
+                 else shard_of_token(kwargs["api_key"], self.shards))
+        return await self._admits[shard].submit(
+            {name: kwargs.get(name) for name in _ADMIT_FIELDS})
+
+    async def extend(self, request_id: str, key_id: str, tokens: int,
+                     cost_usd: float) -> None:
+        await self.call("extend", request_id, tokens, cost_usd, key=key_id)
 
     async def settle(self, row: dict[str, Any]) -> None:
         """Commit the usage row, retrying while the Quota replica is away (it is restarted
         by Serve); a row is never dropped silently: after the deadline this raises."""
+        batcher = self._settles[shard_of(row["key_id"], self.shards)]
         deadline = asyncio.get_running_loop().time() + self.settle_retry_s
         delay = 0.1
         while True:
             try:
-                await self.call("settle", row)
+                await batcher.submit(row)
                 return
             except ApiError as error:
                 if error.status != 503 or asyncio.get_running_loop().time() > deadline:
@@ -136,6 +180,10 @@ class QuotaClient:
                                    code="usage_not_recorded") from error
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+
+_ADMIT_FIELDS = ("api_key", "model", "model_known", "tokens", "cost_usd", "request_id",
+                 "key_id")
 
 
 class BackgroundCalls:

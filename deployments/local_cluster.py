@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 
+from deployments.app import expand_quota_overrides
 from deployments.launch import app_config, deploy, load_config, shutdown_cluster, start_ray
 from serve_app.routing.config import ClassifierSettings
 from serve_app.settings import PROJECT_ROOT
@@ -87,6 +88,9 @@ class LocalStack:
                 entries[name].update({"name": name, **options})
             else:
                 stack["deployments"].append({"name": name, **options})
+        for app in config["applications"]:
+            if app is stack or app.get("name") in (extra_stacks or {}):
+                expand_quota_overrides(app)
         deploy(config, wait_s=900)
         self.current_config = config
         self.wait_ready()

@@ -1,8 +1,12 @@
-"""Quota: one replica shared by every Gateway replica. Owns the accounts store (keys,
-tenants), the rate-limit windows, budget reservations, the usage ledger and alerts.
-Thin shell over serve_app.quota.service.QuotaService; errors return as payloads."""
+"""Quota: the accounting service, in `quota.shards` single-replica deployments (Quota, or
+Quota-0..Quota-N-1). Each shard owns the rate-limit windows, budget reservations and
+cached key records of the keys that hash to it (serve_app.quota.sharding), so limits stay
+exact with any number of gateways; all shards share the accounts store and the usage
+ledger (one database). Thin shell over serve_app.quota.service.QuotaService; errors return
+as payloads, and the batch methods return one outcome (result or payload) per item."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -39,8 +43,9 @@ def _invalid_value(error: Exception) -> ApiError:
 @error_boundary("quota service", code="quota_unavailable",
                 mapped={KeyError: _not_found, ValueError: _invalid_value})
 class Quota:
-    def __init__(self, settings: dict[str, Any]) -> None:
+    def __init__(self, settings: dict[str, Any], shard: int = 0) -> None:
         parsed = StackAppSettings.model_validate(settings)
+        self.shard = shard
         quota = parsed.quota
         data_dir = parsed.data_dir
         if not alert_logger.handlers:
@@ -82,9 +87,21 @@ class Quota:
     async def settle(self, row: dict[str, Any]) -> Any:
         return await self.service.settle(UsageRow(**row))
 
+    # A Gateway replica sends what queued up while its previous call was in flight as one
+    # batch (serve_app.quota.batching): one handle round trip for many requests. Each
+    # item goes through the decorated single method, so it gets its own outcome.
+    async def admit_many(self, requests: list[dict[str, Any]]) -> list[Any]:
+        return [await self.admit(**request) for request in requests]
+
+    async def settle_many(self, rows: list[dict[str, Any]]) -> list[Any]:
+        # Concurrently, so the ledger commits the whole batch in one transaction.
+        return list(await asyncio.gather(*(self.settle(row) for row in rows)))
+
     # ---------------------------------------------------------------- admin
-    async def create_key(self, tenant_id: str, fields: dict[str, Any]) -> Any:
-        return self.service.create_key(tenant_id, **fields)
+    async def create_key(self, tenant_id: str, fields: dict[str, Any],
+                         key_id: str | None = None) -> Any:
+        """`key_id`: chosen by the client so that the key's owner shard creates it."""
+        return self.service.create_key(tenant_id, key_id=key_id, **fields)
 
     async def list_keys(self, tenant_id: str | None) -> list[dict[str, Any]]:
         return [k.public() for k in self.service.accounts.list(tenant_id)]

@@ -110,6 +110,12 @@ class QuotaSettings(StrictModel):
     key_pepper_env: str = Field(
         "LLMSTACK_KEY_PEPPER", description="Environment variable with the HMAC pepper for key "
         "hashes; unset: generated once into <data_dir>/secrets/pepper.")
+    shards: int = Field(
+        1, ge=1, le=64, description="Quota deployments (one replica each). A key belongs to "
+        "one shard, chosen by a hash of its id, which owns its windows and reservations: "
+        "limits stay exact with any number of gateways and admission scales with shards. "
+        "Several shards share one database (PostgreSQL on a cluster). Changing the count "
+        "moves keys between shards: their windows restart from the ledger.")
     window_s: float = Field(60.0, gt=0, description="Rate-limit window (RPM/TPM).")
     reservation_ttl_s: float = Field(
         900.0, gt=0, description="A reservation whose request never settles (its gateway "

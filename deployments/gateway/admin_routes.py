@@ -23,7 +23,7 @@ async def admin_tenants(gateway: GatewayDep, admin: AdminDep) -> dict[str, Any]:
 async def admin_create_key(body: KeyCreate, gateway: GatewayDep,
                            admin: AdminDep) -> JSONResponse:
     fields = body.model_dump(exclude_none=True, exclude={"tenant_id"})
-    created = await gateway.quota.call("create_key", body.tenant_id, fields)
+    created = await gateway.quota.create_key(body.tenant_id, fields)
     return JSONResponse(created, status_code=201)
 
 
@@ -35,36 +35,38 @@ async def admin_list_keys(gateway: GatewayDep, admin: AdminDep,
 
 @router.get("/keys/{key_id}")
 async def admin_get_key(key_id: str, gateway: GatewayDep, admin: AdminDep) -> dict[str, Any]:
-    return await gateway.quota.call("get_key", key_id)
+    return await gateway.quota.call("get_key", key_id, key=key_id)
 
 
 @router.patch("/keys/{key_id}")
 async def admin_update_key(key_id: str, body: KeyUpdate, gateway: GatewayDep,
                            admin: AdminDep) -> dict[str, Any]:
     """Set limits, budget, models, expiry; fields sent as null clear a limit."""
-    return await gateway.quota.call("update_key", key_id, body.model_dump(exclude_unset=True))
+    return await gateway.quota.call("update_key", key_id, body.model_dump(exclude_unset=True),
+                                  key=key_id)
 
 
 @router.post("/keys/{key_id}/disable")
 async def admin_disable_key(key_id: str, gateway: GatewayDep,
                             admin: AdminDep) -> dict[str, Any]:
-    return await gateway.quota.call("update_key", key_id, {"disabled": True})
+    return await gateway.quota.call("update_key", key_id, {"disabled": True}, key=key_id)
 
 
 @router.post("/keys/{key_id}/enable")
 async def admin_enable_key(key_id: str, gateway: GatewayDep, admin: AdminDep) -> dict[str, Any]:
-    return await gateway.quota.call("update_key", key_id, {"disabled": False})
+    return await gateway.quota.call("update_key", key_id, {"disabled": False}, key=key_id)
 
 
 @router.post("/keys/{key_id}/rotate")
 async def admin_rotate_key(key_id: str, gateway: GatewayDep, admin: AdminDep,
                            body: KeyRotate | None = None) -> dict[str, Any]:
-    return await gateway.quota.call("rotate_key", key_id, (body or KeyRotate()).grace_s)
+    return await gateway.quota.call("rotate_key", key_id, (body or KeyRotate()).grace_s,
+                                  key=key_id)
 
 
 @router.get("/keys/{key_id}/budget")
 async def admin_key_budget(key_id: str, gateway: GatewayDep, admin: AdminDep) -> dict[str, Any]:
-    return await gateway.quota.call("budget", key_id)
+    return await gateway.quota.call("budget", key_id, key=key_id)
 
 
 @router.get("/usage")

@@ -64,7 +64,7 @@ async def resolve_caller(request: Request,
     accounting = gateway.settings.quota.enabled
     if not token and not accounting:
         return Caller(tenant_id="anonymous", key_id="anonymous")
-    found = await gateway.quota.call("caller", token, accounting)
+    found = await gateway.quota.caller(token, accounting)
     caller = Caller(tenant_id=found["tenant_id"], key_id=found["key_id"],
                     can_confirm=bool(found.get("can_confirm")),
                     can_self_confirm=bool(found.get("can_self_confirm")),

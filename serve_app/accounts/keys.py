@@ -13,6 +13,7 @@ from serve_app import textmatch
 KEY_PREFIX = "sk-"
 _KEY_RE = textmatch.compile(  # a client header
     r"^sk-([A-Za-z0-9]{12})_([A-Za-z0-9_-]{32,128})$")
+KEY_ID_RE = textmatch.compile(r"^[A-Za-z0-9]{12}$")
 
 
 @dataclass(frozen=True)
@@ -28,11 +29,16 @@ def hash_key(full_key: str, pepper: bytes) -> str:
     return hmac.new(pepper, full_key.encode(), hashlib.sha256).hexdigest()
 
 
+def new_key_id() -> str:
+    """A fresh public key id (12 characters, no look-alikes)."""
+    return "".join(secrets.choice("ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789")
+                   for _ in range(12))
+
+
 def generate_key(pepper: bytes, key_id: str | None = None) -> NewKey:
-    """A new key; with `key_id`, a new secret for an existing key (rotation)."""
-    key_id = key_id or "".join(
-        secrets.choice("ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789")
-        for _ in range(12))
+    """A new key; with `key_id`, a new secret for an existing key (rotation) or a key whose
+    id the caller chose (the id picks the Quota shard that owns it)."""
+    key_id = key_id or new_key_id()
     full = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
     return NewKey(key_id=key_id, secret=full, key_hash=hash_key(full, pepper))
 

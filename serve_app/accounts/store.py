@@ -1,7 +1,9 @@
 """Tenants and API keys in SQLite (versioned migrations), with an in-memory index.
 
-Owned by the single Quota replica: every write goes through it, so its in-memory copy is
-never stale. Only key hashes are stored.
+Several Quota shards share the database; each key has one owner shard, and every write
+and read of a key goes through its owner, so the owner's in-memory copy is never stale.
+A shard loads a key on first sight (`get` reads the database on a miss); lists read the
+database, since other shards create keys too. Only key hashes are stored.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from serve_app.accounts.keys import NewKey, generate_key, hashes_match, parse_key_id
+from serve_app.accounts.keys import (KEY_ID_RE, NewKey, generate_key, hashes_match,
+                                     parse_key_id)
 from serve_app.sqlite_db import connect, migrate
 
 MIGRATIONS = [
@@ -105,27 +108,31 @@ class AccountStore:
         self.db = connect(path, synchronous="FULL")
         migrate(self.db, MIGRATIONS)
         self.pepper = pepper
-        self.keys: dict[str, ApiKeyRecord] = {}
-        for row in self.db.execute("SELECT * FROM api_keys"):
-            record = _record_from_row(row)
-            self.keys[record.key_id] = record
+        self.keys: dict[str, ApiKeyRecord] = {}  # the keys this process has seen
 
     # ------------------------------------------------------------------ tenants
     def ensure_tenant(self, tenant_id: str, name: str | None = None) -> None:
-        self.db.execute("INSERT OR IGNORE INTO tenants (tenant_id, name, created_at) "
-                        "VALUES (?, ?, ?)", (tenant_id, name or tenant_id, time.time()))
+        self.db.execute("INSERT INTO tenants (tenant_id, name, created_at) VALUES (?, ?, ?) "
+                        "ON CONFLICT (tenant_id) DO NOTHING",
+                        (tenant_id, name or tenant_id, time.time()))
 
     def tenants(self) -> list[dict[str, Any]]:
         return [dict(row) for row in self.db.execute(
             "SELECT tenant_id, name, created_at FROM tenants ORDER BY tenant_id")]
 
     # ------------------------------------------------------------------ keys
-    def create_key(self, tenant_id: str, **fields: Any) -> tuple[ApiKeyRecord, NewKey]:
+    def create_key(self, tenant_id: str, key_id: str | None = None,
+                   **fields: Any) -> tuple[ApiKeyRecord, NewKey]:
+        """`key_id`: chosen by the caller (it picks the owner shard), else random."""
         unknown = set(fields) - EDITABLE_FIELDS
         if unknown:
             raise ValueError(f"unknown key fields: {sorted(unknown)}")
+        if key_id is not None and not KEY_ID_RE.fullmatch(key_id):
+            raise ValueError("key_id must be 12 letters or digits")
+        if key_id is not None and self.get(key_id) is not None:
+            raise ValueError("a key with this id exists")
         self.ensure_tenant(tenant_id)
-        new = generate_key(self.pepper)
+        new = generate_key(self.pepper, key_id=key_id)
         now = time.time()
         record = ApiKeyRecord(key_id=new.key_id, tenant_id=tenant_id, key_hash=new.key_hash,
                               created_at=now, updated_at=now, **fields)
@@ -145,12 +152,28 @@ class AccountStore:
         return record, new
 
     def get(self, key_id: str) -> ApiKeyRecord | None:
-        return self.keys.get(key_id)
+        record = self.keys.get(key_id)
+        if record is None:
+            record = self.refresh(key_id)
+        return record
+
+    def refresh(self, key_id: str) -> ApiKeyRecord | None:
+        """Re-read one key from the database (first sight, or written elsewhere)."""
+        row = self.db.execute("SELECT * FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()
+        if row is None:
+            self.keys.pop(key_id, None)
+            return None
+        record = self.keys[key_id] = _record_from_row(row)
+        return record
 
     def list(self, tenant_id: str | None = None) -> list[ApiKeyRecord]:
-        return sorted((k for k in self.keys.values()
-                       if tenant_id is None or k.tenant_id == tenant_id),
-                      key=lambda k: k.created_at)
+        """From the database: keys owned by other shards are listed too."""
+        if tenant_id is None:
+            rows = self.db.execute("SELECT * FROM api_keys ORDER BY created_at")
+        else:
+            rows = self.db.execute("SELECT * FROM api_keys WHERE tenant_id = ? "
+                                   "ORDER BY created_at", (tenant_id,))
+        return [_record_from_row(row) for row in rows]
 
     def update(self, key_id: str, **fields: Any) -> ApiKeyRecord:
         """Validate everything, write the database, and only then change memory: a failed
@@ -184,7 +207,7 @@ class AccountStore:
             raise AuthFailure("missing")
         now = time.time() if now is None else now
         key_id = parse_key_id(full_key)
-        record = self.keys.get(key_id) if key_id else None
+        record = self.get(key_id) if key_id else None
         if record is None:
             # Same work as a known key, so timing does not tell ids apart.
             hashes_match(full_key, "0" * 64, self.pepper)
@@ -203,7 +226,7 @@ class AccountStore:
 
     # ------------------------------------------------------------------ internals
     def _require(self, key_id: str) -> ApiKeyRecord:
-        record = self.keys.get(key_id)
+        record = self.get(key_id)
         if record is None:
             raise KeyError(key_id)
         return record

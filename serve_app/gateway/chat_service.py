@@ -52,7 +52,8 @@ INLINE_COUNT_CHARS = 8_000
 class Accounting(Protocol):
     async def admit(self, **kwargs: Any) -> dict[str, Any]: ...
 
-    async def extend(self, request_id: str, tokens: int, cost_usd: float) -> None: ...
+    async def extend(self, request_id: str, key_id: str, tokens: int,
+                     cost_usd: float) -> None: ...
 
     async def settle(self, row: dict[str, Any]) -> None: ...
 
@@ -256,7 +257,8 @@ class ChatService:
         if self.accounting is None or not ctx.admitted or (extra_tokens <= 0
                                                             and extra_cost <= 0):
             return
-        await self.accounting.extend(ctx.request_id, max(0, extra_tokens),
+        assert ctx.key_id is not None
+        await self.accounting.extend(ctx.request_id, ctx.key_id, max(0, extra_tokens),
                                      max(0.0, extra_cost))
 
     def _answer_from_cache(self, request: ChatCompletionRequest, ctx: RequestContext,

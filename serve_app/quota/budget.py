@@ -31,13 +31,25 @@ def period_bounds(period: str, now: float) -> tuple[float, float]:
 
 @dataclass
 class _KeyBudget:
+    """Reservations in flight and their running total (O(1) per admission)."""
     period_start: float
     spent: float
     reservations: dict[str, float] = field(default_factory=dict)
+    reserved: float = 0.0
 
-    @property
-    def reserved(self) -> float:
-        return sum(self.reservations.values())
+    def __post_init__(self) -> None:
+        self.reserved = sum(self.reservations.values())
+
+    def hold(self, reservation_id: str, amount: float) -> None:
+        self.reserved += amount - self.reservations.get(reservation_id, 0.0)
+        self.reservations[reservation_id] = amount
+
+    def drop(self, reservation_id: str) -> None:
+        amount = self.reservations.pop(reservation_id, None)
+        if amount is not None:
+            self.reserved -= amount
+            if not self.reservations:
+                self.reserved = 0.0  # no float drift survives an idle moment
 
 
 class BudgetBook:
@@ -73,7 +85,7 @@ class BudgetBook:
         state = self._state(key_id, period, now)
         if state.spent + state.reserved + amount > budget + 1e-12:
             return False
-        state.reservations[reservation_id] = amount
+        state.hold(reservation_id, amount)
         return True
 
     def try_extend(self, key_id: str, budget: float, period: str, now: float,
@@ -82,19 +94,19 @@ class BudgetBook:
         state = self._state(key_id, period, now)
         if state.spent + state.reserved + amount > budget + 1e-12:
             return False
-        state.reservations[reservation_id] = state.reservations.get(reservation_id, 0.0) + amount
+        state.hold(reservation_id, state.reservations.get(reservation_id, 0.0) + amount)
         return True
 
     def release(self, key_id: str, reservation_id: str) -> None:
         state = self.keys.get(key_id)
         if state is not None:
-            state.reservations.pop(reservation_id, None)
+            state.drop(reservation_id)
 
     def settle(self, key_id: str, period: str, now: float, reservation_id: str,
                cost: float) -> tuple[float, float]:
         """Record the real cost; returns (spent before, spent after) for alerting."""
         state = self._state(key_id, period, now)
-        state.reservations.pop(reservation_id, None)
+        state.drop(reservation_id)
         before = state.spent
         state.spent += cost
         return before, state.spent

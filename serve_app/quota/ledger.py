@@ -149,6 +149,13 @@ class UsageLedger:
                           "WHERE key_id = ? AND ts >= ?", (key_id, since))
         return float(rows[0]["spent"])
 
+    def recent_usage(self, key_id: str, since: float) -> list[tuple[float, int]]:
+        """(ts, tokens in + out) of the key's rows since `since`, oldest first: what a
+        restarted Quota shard rebuilds the key's rate-limit windows from."""
+        rows = self._read("SELECT ts, tokens_in + tokens_out AS tokens FROM usage "
+                          "WHERE key_id = ? AND ts >= ? ORDER BY ts", (key_id, since))
+        return [(float(r["ts"]), int(r["tokens"])) for r in rows]
+
     def row(self, request_id: str) -> dict[str, Any] | None:
         rows = self._read("SELECT * FROM usage WHERE request_id = ?", (request_id,))
         if not rows:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 class _Event:
     at: float
     weight: float
-    token: str
+    token: str | None  # None: not settled later (rebuilt from the ledger)
 
 
 class SlidingWindow:
@@ -26,7 +26,7 @@ class SlidingWindow:
         while self.events and self.events[0].at <= now - self.window_s:
             event = self.events.popleft()
             self._total -= event.weight
-            if self._by_token.get(event.token) is event:
+            if event.token is not None and self._by_token.get(event.token) is event:
                 del self._by_token[event.token]
 
     def total(self, now: float) -> float:
@@ -51,10 +51,12 @@ class SlidingWindow:
                 return max(0.0, event.at + self.window_s - now)
         return self.window_s
 
-    def add(self, now: float, weight: float, token: str) -> None:
+    def add(self, now: float, weight: float, token: str | None) -> None:
+        """Events arrive in time order (one clock, one owner), which keeps expiry O(1)."""
         event = _Event(now, weight, token)
         self.events.append(event)
-        self._by_token[token] = event
+        if token is not None:
+            self._by_token[token] = event
         self._total += weight
 
     def weight_of(self, token: str) -> float | None:
@@ -85,8 +87,8 @@ class KeyLimiter:
             return "tpm", self.tokens.retry_after(now, tokens, tpm)
         return None
 
-    def add(self, now: float, tokens: int, token: str) -> None:
-        self.requests.add(now, 1, token)
+    def add(self, now: float, tokens: int, token: str | None, requests: int = 1) -> None:
+        self.requests.add(now, requests, token)
         self.tokens.add(now, tokens, token)
 
     def settle(self, token: str, actual_tokens: int) -> None:

@@ -1,12 +1,17 @@
 """QuotaService: authentication, atomic check-and-reserve, settlement, alerts, admin ops.
 
-A plain class (unit-tested without Ray) that the single Quota replica wraps. `admit` runs
-without awaiting anything, so on the replica's event loop it is atomic: all checks pass
-before any state changes, and no other request interleaves. Every Gateway replica calls
-the same Quota replica, so limits hold exactly however many gateways there are.
+A plain class (unit-tested without Ray) that each Quota shard wraps. `admit` runs without
+awaiting anything, so on the shard's event loop it is atomic: all checks pass before any
+state changes, and no other request interleaves. Every request of a key goes to the key's
+owner shard, so limits hold exactly however many gateways there are.
+
+After a restart the windows of a key are rebuilt from the ledger on first sight (the rows
+of the last window), and its budget spend is reloaded; what was in flight when the shard
+died is counted when it settles.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import math
 import time
@@ -74,6 +79,7 @@ class QuotaService:
         self.limiters: dict[str, KeyLimiter] = {}
         self.budgets = BudgetBook(self.ledger.spent_since)
         self.reservations: dict[str, dict[str, Any]] = {}  # request id -> reservation
+        self._settling: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self.expired_reservations = 0
 
     # ------------------------------------------------------------------ admission
@@ -123,7 +129,7 @@ class QuotaService:
             raise ApiError(409, "Duplicate internal request id.", code="duplicate_request")
         tokens = max(0, int(tokens))
         cost_usd = max(0.0, float(cost_usd))
-        limiter = self.limiters.setdefault(record.key_id, KeyLimiter(self.policy.window_s))
+        limiter = self._limiter(record.key_id, now)
         blocked = limiter.check(now, record.rpm, record.tpm, tokens)
         if blocked is not None:
             limit, wait = blocked
@@ -154,7 +160,7 @@ class QuotaService:
             raise ApiError(401, "The API key no longer exists.", code="invalid_api_key")
         tokens = max(0, int(tokens))
         cost_usd = max(0.0, float(cost_usd))
-        limiter = self.limiters.setdefault(record.key_id, KeyLimiter(self.policy.window_s))
+        limiter = self._limiter(record.key_id, now)
         if not limiter.try_extend(now, record.tpm, request_id, tokens):
             self.events.rate_limited(record.tenant_id, record.key_id, "tpm")
             wait = limiter.tokens.retry_after(now, tokens, float(record.tpm or 0))
@@ -171,6 +177,17 @@ class QuotaService:
         reservation["tokens"] += tokens
         reservation["cost"] += cost_usd
         return {"reservation": dict(reservation)}
+
+    def _limiter(self, key_id: str, now: float) -> KeyLimiter:
+        """The key's windows; on first sight since start-up, rebuilt from the ledger rows
+        of the last window, so a restarted shard does not grant a fresh minute."""
+        limiter = self.limiters.get(key_id)
+        if limiter is None:
+            limiter = KeyLimiter(self.policy.window_s)
+            for at, tokens in self.ledger.recent_usage(key_id, now - self.policy.window_s):
+                limiter.add(at, tokens, None)
+            self.limiters[key_id] = limiter
+        return limiter
 
     def _budget_exceeded(self, record: ApiKeyRecord, now: float, cost: float) -> ApiError:
         assert record.budget_usd is not None
@@ -200,8 +217,22 @@ class QuotaService:
     # ------------------------------------------------------------------ settlement
     async def settle(self, row: UsageRow) -> dict[str, Any]:
         """Commit the ledger row (durably), then release the reservation and book the real
-        cost. Idempotent by request id; works without a reservation (after a restart)."""
-        already = self.ledger.row(row.request_id) is not None
+        cost. Idempotent by request id, also while a settlement of the same request is
+        still committing (a retry joins it); works without a reservation (after a
+        restart)."""
+        running = self._settling.get(row.request_id)
+        if running is not None:
+            return await asyncio.shield(running)
+        task = asyncio.ensure_future(self._settle(row))
+        self._settling[row.request_id] = task
+        task.add_done_callback(lambda _: self._settling.pop(row.request_id, None))
+        return await asyncio.shield(task)
+
+    async def _settle(self, row: UsageRow) -> dict[str, Any]:
+        # A reservation held here means this is the first settlement of the request; only
+        # without one (a retry, or a request admitted before a restart) is the ledger read.
+        reserved = row.request_id in self.reservations
+        already = not reserved and self.ledger.row(row.request_id) is not None
         record = self.accounts.get(row.key_id)
         now = self.clock()
         row.ts = now
@@ -216,7 +247,11 @@ class QuotaService:
             return {"recorded": True, "remaining_budget": None}
         limiter = self.limiters.get(record.key_id)
         if limiter is not None:
-            limiter.settle(row.request_id, row.tokens_in + row.tokens_out)
+            used = row.tokens_in + row.tokens_out
+            if reserved:
+                limiter.settle(row.request_id, used)
+            else:  # admitted before a restart: count it now, or the window forgets it
+                limiter.add(now, used, row.request_id, requests=1)
         remaining = None
         if record.budget_usd is not None:
             before, after = self.budgets.settle(record.key_id, record.budget_period, now,
@@ -264,8 +299,9 @@ class QuotaService:
     def is_admin(self, token: str | None) -> bool:
         return bool(token) and hmac.compare_digest(token.encode(), self._admin_key.encode())
 
-    def create_key(self, tenant_id: str, **fields: Any) -> dict[str, Any]:
-        record, new = self.accounts.create_key(tenant_id, **fields)
+    def create_key(self, tenant_id: str, key_id: str | None = None,
+                   **fields: Any) -> dict[str, Any]:
+        record, new = self.accounts.create_key(tenant_id, key_id=key_id, **fields)
         return {**record.public(), "key": new.secret}
 
     def update_key(self, key_id: str, **fields: Any) -> dict[str, Any]:

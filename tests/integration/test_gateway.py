@@ -1,5 +1,6 @@
-"""Gateway pattern through HTTP: keys, limits with two Gateway replicas, budgets, alerts,
-ledger durability across a Quota replica kill, admin API and CLI, no key material in logs."""
+"""Gateway pattern through HTTP: keys, limits with two Gateway replicas over two Quota
+shards, budgets, alerts, revocation through every gateway, ledger durability across a
+Quota shard kill, admin API and CLI, no key material in logs."""
 from __future__ import annotations
 
 import asyncio
@@ -35,7 +36,7 @@ def stack(cluster, tmp_path_factory, webhook):
     data_dir = tmp_path_factory.mktemp("gateway")
     cluster.deploy_stack(
         data_dir,
-        {"quota": {"window_s": WINDOW_S, "alert_webhook_url": webhook.url,
+        {"quota": {"shards": 2, "window_s": WINDOW_S, "alert_webhook_url": webhook.url,
                    "webhook_first_delay_s": 0.05, "settle_retry_s": 60},
          "router": {"local": {"price_in_per_mtok": PRICE_PER_TOKEN * 1e6,
                               "price_out_per_mtok": PRICE_PER_TOKEN * 1e6}},
@@ -126,6 +127,40 @@ def test_rpm_holds_exactly_across_two_gateway_replicas_and_refills(stack):
     assert statuses(asyncio.run(burst(stack, key, 1, max_tokens=1))) == [200]
 
 
+def test_rpm_holds_exactly_for_keys_on_both_quota_shards(stack):
+    """Keys owned by both shards, bursts on all at once through both gateways."""
+    from serve_app.quota.sharding import shard_of
+
+    keys: dict[int, list[str]] = {0: [], 1: []}
+    while min(len(v) for v in keys.values()) < 2:
+        created = create_key(stack.base_url, rpm=3)
+        keys[shard_of(created["key_id"], 2)].append(created["key"])
+    chosen = keys[0][:2] + keys[1][:2]
+
+    async def all_bursts() -> list[list]:
+        return await asyncio.gather(*(burst(stack, key, 8, max_tokens=1) for key in chosen))
+
+    for results in asyncio.run(all_bursts()):
+        codes = statuses(results)
+        assert codes.count(200) == 3 and codes.count(429) == 5, codes
+
+
+def test_a_revoked_key_is_refused_on_the_very_next_request_through_every_gateway(stack):
+    created = create_key(stack.base_url)
+    client = client_for(stack, created["key"])
+    assert client.models.list().data
+    with admin_client(stack.base_url) as admin:
+        admin.post(f"/admin/v1/keys/{created['key_id']}/disable").raise_for_status()
+    # Ten requests spread over both Gateway replicas (the proxy picks): none gets through.
+    codes = statuses(asyncio.run(burst(stack, created["key"], 10, max_tokens=1)))
+    assert codes == [401] * 10
+    with admin_client(stack.base_url) as admin:
+        admin.post(f"/admin/v1/keys/{created['key_id']}/enable").raise_for_status()
+        rotated = admin.post(f"/admin/v1/keys/{created['key_id']}/rotate", json={}).json()
+    assert statuses(asyncio.run(burst(stack, created["key"], 10, max_tokens=1))) == [401] * 10
+    assert statuses(asyncio.run(burst(stack, rotated["key"], 2, max_tokens=1))) == [200] * 2
+
+
 _PROMPT_TOKENS: list[int] = []
 
 
@@ -205,17 +240,20 @@ def test_alert_fires_once_per_threshold_with_webhook(stack, webhook):
 
 
 # ---------------------------------------------------------------------------- ledger
-def _kill_quota_replica() -> None:
+def _kill_quota_shard(shard: int) -> None:
     import ray
 
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if "#Quota#" in a["name"]]
+             if f"#Quota-{shard}#" in a["name"]]
     assert len(names) == 1
     ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
 
 
 def test_every_200_has_a_ledger_row_even_when_quota_is_killed_mid_load(stack):
-    key = create_key(stack.base_url)["key"]
+    from serve_app.quota.sharding import shard_of
+
+    created = create_key(stack.base_url)
+    key, owner = created["key"], shard_of(created["key_id"], 2)
 
     async def load() -> list:
         async with AsyncOpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0,
@@ -231,7 +269,7 @@ def test_every_200_has_a_ledger_row_even_when_quota_is_killed_mid_load(stack):
 
             async def killer():
                 await asyncio.sleep(1.5)
-                await asyncio.to_thread(_kill_quota_replica)
+                await asyncio.to_thread(_kill_quota_shard, owner)
 
             results = await asyncio.gather(*(one(i) for i in range(30)), killer())
             return results[:-1]

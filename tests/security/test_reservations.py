@@ -121,7 +121,7 @@ async def test_rag_context_is_reserved_before_generation() -> None:
     service, accounting, _, _ = make_service()
     route = service.router.resolve(LOCAL)
     ctx = context()
-    ctx.admitted = True
+    ctx.admitted, ctx.key_id = True, "k"
     small = request()
     big = request(messages=[{"role": "system", "content": "context " * 500},
                             {"role": "user", "content": "hi"}])

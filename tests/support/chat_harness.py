@@ -30,7 +30,8 @@ class FakeAccounting:
                               "cache_sampled": False, "allowed_models": None},
                 "reservation": {"id": kwargs["request_id"]}}
 
-    async def extend(self, request_id: str, tokens: int, cost_usd: float) -> None:
+    async def extend(self, request_id: str, key_id: str, tokens: int,
+                     cost_usd: float) -> None:
         self.extended.append((request_id, tokens, cost_usd))
 
     async def settle(self, row: dict[str, Any]) -> None:

@@ -24,6 +24,9 @@ class _QuotaPort:
         self.calls.append(method)
         return getattr(self.service, method)(*args)
 
+    async def caller(self, token, check_keys):
+        return await self.call("caller", token, check_keys)
+
 
 @pytest.fixture
 def client(tmp_path, monkeypatch):

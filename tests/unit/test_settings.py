@@ -55,3 +55,15 @@ def test_gpu_config_puts_vllm_on_gpus():
     deployments = {d["name"]: d for d in app_config(loaded, "models")["deployments"]}
     assert deployments["LocalLLM"]["ray_actor_options"]["num_gpus"] == 1
     assert 0 < deployments["Embedder"]["ray_actor_options"]["num_gpus"] < 1
+
+
+@pytest.mark.parametrize("config", ["configs/local.yaml", "configs/gpu.yaml"])
+def test_config_overrides_name_the_quota_shards_the_app_builds(config):
+    """Serve refuses a config that overrides a deployment the app does not have."""
+    from deployments.app import quota_shards
+
+    stack = app_config(load_config(PROJECT_ROOT / config), "stack")
+    settings = StackAppSettings.model_validate(stack["args"])
+    built = {shard._bound_deployment.name for shard in quota_shards(settings)}
+    overridden = {d["name"] for d in stack["deployments"] if d["name"].startswith("Quota")}
+    assert overridden == built and len(built) == settings.quota.shards
