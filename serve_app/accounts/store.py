@@ -1,7 +1,11 @@
-"""Tenants and API keys in SQLite (versioned migrations), with an in-memory index.
+"""Tenants and API keys in SQLite or PostgreSQL (versioned migrations), with an in-memory
+index.
 
-Owned by the single Quota replica: every write goes through it, so its in-memory copy is
-never stale. Only key hashes are stored.
+Every write goes through a Quota replica. With SQLite one replica owns the file; with
+PostgreSQL several processes (Quota shards on different nodes) share the tables, so the
+index is a cache: `list()` and `tenants()` read the database, `get()` falls back to it on a
+miss, `refresh()` re-reads one key, and writes start from the row as stored. Only key hashes
+are stored.
 """
 from __future__ import annotations
 
@@ -9,49 +13,51 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any, Literal
 
-from serve_app.accounts.keys import NewKey, generate_key, hashes_match, parse_key_id
-from serve_app.sqlite_db import connect, migrate
+from serve_app.accounts.keys import (
+    NewKey,
+    generate_key,
+    hashes_match,
+    is_valid_key_id,
+    parse_key_id,
+)
+from serve_app.database import Target, legacy_schema_version, migrate, open_database
 
+COMPONENT = "accounts"
+# Versions 1-4 are the migrations of the SQLite-only store (its `schema_version` table),
+# written portably: DOUBLE PRECISION for times and money, BIGINT for limits up to 2**63-1.
 MIGRATIONS = [
-    """
-    CREATE TABLE tenants (
-        tenant_id TEXT PRIMARY KEY,
-        name TEXT NOT NULL,
-        created_at REAL NOT NULL
-    );
-    CREATE TABLE api_keys (
-        key_id TEXT PRIMARY KEY,
-        tenant_id TEXT NOT NULL REFERENCES tenants(tenant_id),
-        name TEXT NOT NULL DEFAULT '',
-        key_hash TEXT NOT NULL,
-        previous_hash TEXT,
-        previous_valid_until REAL,
-        allowed_models TEXT,
-        rpm INTEGER,
-        tpm INTEGER,
-        budget_usd REAL,
-        budget_period TEXT NOT NULL DEFAULT 'month',
-        expires_at REAL,
-        disabled INTEGER NOT NULL DEFAULT 0,
-        can_confirm INTEGER NOT NULL DEFAULT 0,
-        alert_webhook_url TEXT,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL
-    );
-    CREATE INDEX api_keys_tenant ON api_keys(tenant_id)
-    """,
-    """
-    ALTER TABLE api_keys ADD COLUMN route_overrides TEXT
-    """,
-    """
-    ALTER TABLE api_keys ADD COLUMN cache_sampled INTEGER NOT NULL DEFAULT 0
-    """,
-    """
-    ALTER TABLE api_keys ADD COLUMN can_self_confirm INTEGER NOT NULL DEFAULT 0
-    """,
+    [
+        """CREATE TABLE tenants (
+            tenant_id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL
+        )""",
+        """CREATE TABLE api_keys (
+            key_id TEXT PRIMARY KEY,
+            tenant_id TEXT NOT NULL REFERENCES tenants(tenant_id),
+            name TEXT NOT NULL DEFAULT '',
+            key_hash TEXT NOT NULL,
+            previous_hash TEXT,
+            previous_valid_until DOUBLE PRECISION,
+            allowed_models TEXT,
+            rpm BIGINT,
+            tpm BIGINT,
+            budget_usd DOUBLE PRECISION,
+            budget_period TEXT NOT NULL DEFAULT 'month',
+            expires_at DOUBLE PRECISION,
+            disabled INTEGER NOT NULL DEFAULT 0,
+            can_confirm INTEGER NOT NULL DEFAULT 0,
+            alert_webhook_url TEXT,
+            created_at DOUBLE PRECISION NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX api_keys_tenant ON api_keys(tenant_id)",
+    ],
+    ["ALTER TABLE api_keys ADD COLUMN route_overrides TEXT"],
+    ["ALTER TABLE api_keys ADD COLUMN cache_sampled INTEGER NOT NULL DEFAULT 0"],
+    ["ALTER TABLE api_keys ADD COLUMN can_self_confirm INTEGER NOT NULL DEFAULT 0"],
 ]
 
 BudgetPeriod = Literal["day", "month"]
@@ -101,56 +107,92 @@ class AuthFailure(Exception):
 
 
 class AccountStore:
-    def __init__(self, path: Path, pepper: bytes) -> None:
-        self.db = connect(path, synchronous="FULL")
-        migrate(self.db, MIGRATIONS)
+    def __init__(self, target: Target, pepper: bytes) -> None:
+        """`target`: a SQLite file path, a postgresql:// URL, or a shared `Database`."""
+        self.db, self._owns_db = open_database(target, name=COMPONENT)
+        migrate(self.db, COMPONENT, MIGRATIONS, legacy=legacy_schema_version)
         self.pepper = pepper
         self.keys: dict[str, ApiKeyRecord] = {}
-        for row in self.db.execute("SELECT * FROM api_keys"):
+        for row in self.db.fetchall("SELECT * FROM api_keys"):
             record = _record_from_row(row)
             self.keys[record.key_id] = record
 
     # ------------------------------------------------------------------ tenants
     def ensure_tenant(self, tenant_id: str, name: str | None = None) -> None:
-        self.db.execute("INSERT OR IGNORE INTO tenants (tenant_id, name, created_at) "
-                        "VALUES (?, ?, ?)", (tenant_id, name or tenant_id, time.time()))
+        """Create the tenant unless it exists (race-free between processes)."""
+        self.db.write(_ENSURE_TENANT, (tenant_id, name or tenant_id, time.time()),
+                      idempotent=True)
 
     def tenants(self) -> list[dict[str, Any]]:
-        return [dict(row) for row in self.db.execute(
-            "SELECT tenant_id, name, created_at FROM tenants ORDER BY tenant_id")]
+        return self.db.fetchall("SELECT tenant_id, name, created_at FROM tenants "
+                                "ORDER BY tenant_id")
 
     # ------------------------------------------------------------------ keys
-    def create_key(self, tenant_id: str, **fields: Any) -> tuple[ApiKeyRecord, NewKey]:
+    def create_key(self, tenant_id: str, key_id: str | None = None,
+                   **fields: Any) -> tuple[ApiKeyRecord, NewKey]:
+        """A new key; `key_id` (optional) must look like a generated one and be unused."""
         unknown = set(fields) - EDITABLE_FIELDS
         if unknown:
             raise ValueError(f"unknown key fields: {sorted(unknown)}")
-        self.ensure_tenant(tenant_id)
-        new = generate_key(self.pepper)
+        if key_id is not None and not is_valid_key_id(key_id):
+            raise ValueError("key_id must be 12 characters from the key id alphabet "
+                             "(letters and digits without 0, 1, I, O, l)")
+        new = generate_key(self.pepper, key_id=key_id)
         now = time.time()
         record = ApiKeyRecord(key_id=new.key_id, tenant_id=tenant_id, key_hash=new.key_hash,
                               created_at=now, updated_at=now, **fields)
         _validate(record)
-        self.db.execute(
-            "INSERT INTO api_keys (key_id, tenant_id, name, key_hash, allowed_models, rpm, tpm,"
-            " budget_usd, budget_period, expires_at, disabled, can_confirm, alert_webhook_url,"
-            " route_overrides, cache_sampled, can_self_confirm, created_at, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (record.key_id, tenant_id, record.name, record.key_hash,
-             _json_or_none(record.allowed_models), record.rpm, record.tpm, record.budget_usd,
-             record.budget_period, record.expires_at, int(record.disabled),
-             int(record.can_confirm), record.alert_webhook_url,
-             json.dumps(record.route_overrides), int(record.cache_sampled),
-             int(record.can_self_confirm), now, now))
+
+        def insert(tx: Any) -> None:
+            tx.execute(_ENSURE_TENANT, (tenant_id, tenant_id, now))
+            inserted = tx.execute(
+                "INSERT INTO api_keys (key_id, tenant_id, name, key_hash, allowed_models, rpm,"
+                " tpm, budget_usd, budget_period, expires_at, disabled, can_confirm,"
+                " alert_webhook_url, route_overrides, cache_sampled, can_self_confirm,"
+                " created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (key_id) DO NOTHING",
+                (record.key_id, tenant_id, record.name, record.key_hash,
+                 _json_or_none(record.allowed_models), record.rpm, record.tpm,
+                 record.budget_usd, record.budget_period, record.expires_at,
+                 int(record.disabled), int(record.can_confirm), record.alert_webhook_url,
+                 json.dumps(record.route_overrides), int(record.cache_sampled),
+                 int(record.can_self_confirm), now, now)).rowcount
+            if inserted != 1:  # raised inside the transaction: the tenant rolls back too
+                raise ValueError(f"key id {record.key_id} already exists")
+
+        self.db.run(insert)
         self.keys[record.key_id] = record
         return record, new
 
     def get(self, key_id: str) -> ApiKeyRecord | None:
-        return self.keys.get(key_id)
+        """From the index; on a miss from the database (another process may have created
+        the key), cached once found."""
+        record = self.keys.get(key_id)
+        return record if record is not None else self.refresh(key_id)
+
+    def refresh(self, key_id: str) -> ApiKeyRecord | None:
+        """Re-read one key from the database into the index (None, and dropped from the
+        index, if it is not there)."""
+        row = self.db.fetchone("SELECT * FROM api_keys WHERE key_id = ?", (key_id,))
+        if row is None:
+            self.keys.pop(key_id, None)
+            return None
+        record = _record_from_row(row)
+        self.keys[key_id] = record
+        return record
 
     def list(self, tenant_id: str | None = None) -> list[ApiKeyRecord]:
-        return sorted((k for k in self.keys.values()
-                       if tenant_id is None or k.tenant_id == tenant_id),
-                      key=lambda k: k.created_at)
+        """Every key (of a tenant), read from the database, oldest first."""
+        if tenant_id is None:
+            rows = self.db.fetchall("SELECT * FROM api_keys ORDER BY created_at, key_id")
+        else:
+            rows = self.db.fetchall("SELECT * FROM api_keys WHERE tenant_id = ? "
+                                    "ORDER BY created_at, key_id", (tenant_id,))
+        records = [_record_from_row(row) for row in rows]
+        for record in records:
+            self.keys[record.key_id] = record
+        return records
 
     def update(self, key_id: str, **fields: Any) -> ApiKeyRecord:
         """Validate everything, write the database, and only then change memory: a failed
@@ -184,7 +226,7 @@ class AccountStore:
             raise AuthFailure("missing")
         now = time.time() if now is None else now
         key_id = parse_key_id(full_key)
-        record = self.keys.get(key_id) if key_id else None
+        record = self.get(key_id) if key_id else None
         if record is None:
             # Same work as a known key, so timing does not tell ids apart.
             hashes_match(full_key, "0" * 64, self.pepper)
@@ -203,13 +245,15 @@ class AccountStore:
 
     # ------------------------------------------------------------------ internals
     def _require(self, key_id: str) -> ApiKeyRecord:
-        record = self.keys.get(key_id)
+        """The key as stored now (another process may have changed it): writes start
+        from it."""
+        record = self.refresh(key_id)
         if record is None:
             raise KeyError(key_id)
         return record
 
     def _save(self, record: ApiKeyRecord) -> None:
-        self.db.execute(
+        self.db.write(
             "UPDATE api_keys SET name=?, key_hash=?, previous_hash=?, previous_valid_until=?,"
             " allowed_models=?, rpm=?, tpm=?, budget_usd=?, budget_period=?, expires_at=?,"
             " disabled=?, can_confirm=?, alert_webhook_url=?, route_overrides=?, cache_sampled=?,"
@@ -222,9 +266,12 @@ class AccountStore:
              int(record.can_self_confirm), record.updated_at, record.key_id))
 
     def close(self) -> None:
-        self.db.close()
+        if self._owns_db:
+            self.db.close()
 
 
+_ENSURE_TENANT = ("INSERT INTO tenants (tenant_id, name, created_at) VALUES (?, ?, ?) "
+                  "ON CONFLICT (tenant_id) DO NOTHING")
 _INT64_MAX = 2**63 - 1
 
 
