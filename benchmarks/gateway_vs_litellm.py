@@ -11,7 +11,9 @@ Targets (all non-streaming chat completions, max_tokens 16, temperature 0):
 - cache_exact     this gateway, features on, cache on: the same prompts again (exact hits,
                   stack app at /cache)
 - cache_semantic  the same app, paraphrases of cached prompts (semantic hits)
-- litellm         LiteLLM's proxy (own venv, .bench-venvs/litellm), master key only,
+- litellm         LiteLLM's proxy (own venv, .bench-venvs/litellm), master key only (its
+                  virtual keys need Prisma's query engine, downloaded by `prisma generate`
+                  from binaries.prisma.sh: unreachable offline, ENOTFOUND),
                   `openai/<model>` with api_base = the stub
 
 For each round, each concurrency level (1, 16, 64) and each target in an order rotated per
@@ -538,7 +540,9 @@ def main() -> None:
             "litellm": f"litellm[proxy]=={LITELLM_VERSION} in "
                        f"{LITELLM_VENV.relative_to(PROJECT_ROOT)}, "
                        "one uvicorn worker, master key only (virtual keys, budgets, rate "
-                       "limits and spend logs need PostgreSQL, so none of them run), "
+                       "limits and spend logs need PostgreSQL and Prisma's query engine; "
+                       "`prisma generate` downloads that from binaries.prisma.sh, which "
+                       "this machine cannot reach, so none of them run), "
                        "telemetry off, local cost map, default logging",
             "cpu": "psutil user+system of each target's own processes, before/after each "
                    "batch, divided by requests: gateway = Serve HTTP proxy + the app's "

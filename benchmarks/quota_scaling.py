@@ -37,7 +37,6 @@ from benchmarks.common import BENCH_ADMIN_KEY, median, percentile, write_result
 LEVELS = (1, 16, 64)
 KEYS = 64
 PG_URL_ENV = "LLMSTACK_BENCH_DATABASE_URL"
-NO_URL_ENV = "LLMSTACK_BENCH_NO_DATABASE_URL"  # never set: the SQLite default
 
 
 def deploy_shards(data_dir: Path, shards: int, backend: str) -> list[Any]:
@@ -47,10 +46,10 @@ def deploy_shards(data_dir: Path, shards: int, backend: str) -> list[Any]:
     from deployments.quota import Quota
     from serve_app.settings import StackAppSettings
 
-    settings = StackAppSettings.model_validate({
-        "data_dir": str(data_dir),
-        "database_url_env": PG_URL_ENV if backend == "postgresql" else NO_URL_ENV,
-        "quota": {"shards": shards}})
+    args: dict[str, Any] = {"data_dir": str(data_dir), "quota": {"shards": shards}}
+    if backend == "postgresql":
+        args["database"] = {"url_env": PG_URL_ENV}
+    settings = StackAppSettings.model_validate(args)
     handles = []
     for shard in range(shards):
         name = "Quota" if shards == 1 else f"Quota-{shard}"
@@ -61,11 +60,14 @@ def deploy_shards(data_dir: Path, shards: int, backend: str) -> list[Any]:
 
 
 def quota_pids(backend: str, shards: int) -> list[int]:
-    from ray.util.state import list_actors
+    """The Quota replicas' processes (their CPU time is part of the cost of a pair)."""
+    import ray
 
     prefix = f"SERVE_REPLICA::quota-{backend}-{shards}-"
-    return [actor.pid for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-            if (actor.name or "").startswith(prefix) and actor.pid]
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith(prefix)]
+    return [ray.get(ray.get_actor(name, namespace="serve").__ray_call__.remote(
+        lambda _: os.getpid())) for name in names]
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -187,11 +189,13 @@ def main() -> None:
     os.environ["LLMSTACK_ADMIN_KEY"] = BENCH_ADMIN_KEY
     postgres = None
     if "postgresql" in args.backends:
-        from tests.support.postgres import PostgresServer
+        from tests.support.postgres import PostgresServer, find_bin_dir
 
-        postgres = PostgresServer.start()
-        os.environ[PG_URL_ENV] = postgres.create_database("quota_bench")
-    os.environ.pop(NO_URL_ENV, None)
+        bin_dir = find_bin_dir()
+        if bin_dir is None:
+            raise SystemExit("PostgreSQL binaries missing: `make test-unit` installs them")
+        postgres = PostgresServer(bin_dir)
+        os.environ[PG_URL_ENV] = postgres.create_database()
     start_ray(num_cpus=8, dashboard=False)
     try:
         serve.start()
@@ -208,7 +212,7 @@ def main() -> None:
         serve.shutdown()
         shutdown_cluster()
         if postgres is not None:
-            postgres.stop()
+            postgres.cleanup()
     baseline = next((r for r in results if r["backend"] == "sqlite" and r["shards"] == 1
                      and r["mode"] == "single" and r["concurrency"] == 64), None)
     best = max(results, key=lambda r: r["pairs_per_s"])

@@ -24,6 +24,8 @@ QUICK: dict[str, list[str]] = {
     "rag_cranfield": ["--smoke", "--result-name", "rag_cranfield_quick"],
     "gateway_overhead": ["--rounds", "3", "--max-tokens", "16"],
     "quota_overhead": ["--rounds", "10"],
+    "quota_scaling": ["--seconds", "1", "--rounds", "1", "--shards", "1", "2",
+                      "--result-name", "quota_scaling_quick"],
     "cache_http_latency": ["--pairs", "10"],
     "rag_http_latency": ["--synthetic-chunks", "5000", "--queries", "20"],
     "bfcl_benchmark": ["--limit", "5", "--result-name", "bfcl_quick"],

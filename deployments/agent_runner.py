@@ -87,7 +87,8 @@ class AgentRunner:
             llm = PipelineLLMPort(pipeline, RequestLogger(stack.data_dir / "logs"))
             self._pipeline = pipeline
         self.service = AgentService(agent_settings, stack.data_dir,
-                                    _port(llm, agent_settings), retrieve=_retrieve(retriever))
+                                    _port(llm, agent_settings), retrieve=_retrieve(retriever),
+                                    database_url=stack.database.url())
         try:
             self.service.sandbox.check()
         except SandboxUnavailable as error:  # the python tool will answer with this reason

@@ -56,8 +56,8 @@ class Quota:
         pepper = env_or_generated(quota.key_pepper_env, data_dir, "pepper").encode()
         admin_key = env_or_generated(quota.admin_key_env, data_dir, "admin.key")
         self.service = QuotaService(
-            AccountStore(data_dir / "accounts.db", pepper),
-            UsageLedger(data_dir / "usage.db"),
+            AccountStore(parsed.database.target(data_dir / "accounts.db"), pepper),
+            UsageLedger(parsed.database.target(data_dir / "usage.db")),
             QuotaPolicy(auth_required=quota.auth_required, window_s=quota.window_s,
                         reservation_ttl_s=quota.reservation_ttl_s,
                         alert_thresholds=tuple(quota.alert_thresholds),

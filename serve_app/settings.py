@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from serve_app.agent.config import AgentSettings
 from serve_app.cache.config import CacheSettings
+from serve_app.database.config import DatabaseSettings
 from serve_app.quota.pricing import Price
 from serve_app.rag.config import RagSettings
 from serve_app.routing.config import RouterSettings
@@ -148,6 +149,10 @@ class StackAppSettings(StrictModel):
         description="Name of the Serve application that runs LocalLLM and Embedder, so "
         "the stack can be redeployed without reloading any model.",
     )
+    database: DatabaseSettings = Field(
+        DatabaseSettings(), description="SQLite files under data_dir (default) or, when "
+        "the named environment variable holds a postgresql:// URL, one shared PostgreSQL "
+        "database for the accounts, ledger, agent sessions and audit log.")
     gateway: GatewaySettings = GatewaySettings()
     quota: QuotaSettings = QuotaSettings()
     cache: CacheSettings = CacheSettings()

@@ -13,7 +13,11 @@ from serve_app import textmatch
 KEY_PREFIX = "sk-"
 _KEY_RE = textmatch.compile(  # a client header
     r"^sk-([A-Za-z0-9]{12})_([A-Za-z0-9_-]{32,128})$")
-KEY_ID_RE = textmatch.compile(r"^[A-Za-z0-9]{12}$")
+# What generate_key draws key ids from (no 0/O, 1/I/l look-alikes): 12 characters.
+KEY_ID_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789"
+KEY_ID_LENGTH = 12
+_KEY_ID_RE = textmatch.compile(
+    r"[ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789]{12}")
 
 
 @dataclass(frozen=True)
@@ -30,17 +34,21 @@ def hash_key(full_key: str, pepper: bytes) -> str:
 
 
 def new_key_id() -> str:
-    """A fresh public key id (12 characters, no look-alikes)."""
-    return "".join(secrets.choice("ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789")
-                   for _ in range(12))
+    """A fresh public key id (its hash picks the Quota shard that owns the key)."""
+    return "".join(secrets.choice(KEY_ID_ALPHABET) for _ in range(KEY_ID_LENGTH))
 
 
 def generate_key(pepper: bytes, key_id: str | None = None) -> NewKey:
-    """A new key; with `key_id`, a new secret for an existing key (rotation) or a key whose
-    id the caller chose (the id picks the Quota shard that owns it)."""
+    """A new key; with `key_id`, a new secret for an existing key (rotation) or a key
+    whose id the caller chose."""
     key_id = key_id or new_key_id()
     full = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
     return NewKey(key_id=key_id, secret=full, key_hash=hash_key(full, pepper))
+
+
+def is_valid_key_id(key_id: object) -> bool:
+    """A key id generate_key could have drawn (what a caller-chosen id must look like)."""
+    return isinstance(key_id, str) and _KEY_ID_RE.fullmatch(key_id) is not None
 
 
 def parse_key_id(full_key: str) -> str | None:

@@ -1,9 +1,12 @@
-"""Tenants and API keys in SQLite (versioned migrations), with an in-memory index.
+"""Tenants and API keys in SQLite or PostgreSQL (versioned migrations), with an in-memory
+index.
 
-Several Quota shards share the database; each key has one owner shard, and every write
-and read of a key goes through its owner, so the owner's in-memory copy is never stale.
-A shard loads a key on first sight (`get` reads the database on a miss); lists read the
-database, since other shards create keys too. Only key hashes are stored.
+Several Quota shards share the tables (SQLite files on one node, PostgreSQL on a cluster).
+Each key has one owner shard, and every read and write of a key goes through its owner
+(serve_app.quota.sharding), so the owner's copy in the index is never stale: `get()`
+falls back to the database on a miss (first sight), `refresh()` re-reads one key, and
+`list()` and `tenants()` read the database (other shards create keys too) without caching
+what they read. Only key hashes are stored.
 """
 from __future__ import annotations
 
@@ -11,50 +14,51 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any, Literal
 
-from serve_app.accounts.keys import (KEY_ID_RE, NewKey, generate_key, hashes_match,
-                                     parse_key_id)
-from serve_app.sqlite_db import connect, migrate
+from serve_app.accounts.keys import (
+    NewKey,
+    generate_key,
+    hashes_match,
+    is_valid_key_id,
+    parse_key_id,
+)
+from serve_app.database import Target, legacy_schema_version, migrate, open_database
 
+COMPONENT = "accounts"
+# Versions 1-4 are the migrations of the SQLite-only store (its `schema_version` table),
+# written portably: DOUBLE PRECISION for times and money, BIGINT for limits up to 2**63-1.
 MIGRATIONS = [
-    """
-    CREATE TABLE tenants (
-        tenant_id TEXT PRIMARY KEY,
-        name TEXT NOT NULL,
-        created_at REAL NOT NULL
-    );
-    CREATE TABLE api_keys (
-        key_id TEXT PRIMARY KEY,
-        tenant_id TEXT NOT NULL REFERENCES tenants(tenant_id),
-        name TEXT NOT NULL DEFAULT '',
-        key_hash TEXT NOT NULL,
-        previous_hash TEXT,
-        previous_valid_until REAL,
-        allowed_models TEXT,
-        rpm INTEGER,
-        tpm INTEGER,
-        budget_usd REAL,
-        budget_period TEXT NOT NULL DEFAULT 'month',
-        expires_at REAL,
-        disabled INTEGER NOT NULL DEFAULT 0,
-        can_confirm INTEGER NOT NULL DEFAULT 0,
-        alert_webhook_url TEXT,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL
-    );
-    CREATE INDEX api_keys_tenant ON api_keys(tenant_id)
-    """,
-    """
-    ALTER TABLE api_keys ADD COLUMN route_overrides TEXT
-    """,
-    """
-    ALTER TABLE api_keys ADD COLUMN cache_sampled INTEGER NOT NULL DEFAULT 0
-    """,
-    """
-    ALTER TABLE api_keys ADD COLUMN can_self_confirm INTEGER NOT NULL DEFAULT 0
-    """,
+    [
+        """CREATE TABLE tenants (
+            tenant_id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL
+        )""",
+        """CREATE TABLE api_keys (
+            key_id TEXT PRIMARY KEY,
+            tenant_id TEXT NOT NULL REFERENCES tenants(tenant_id),
+            name TEXT NOT NULL DEFAULT '',
+            key_hash TEXT NOT NULL,
+            previous_hash TEXT,
+            previous_valid_until DOUBLE PRECISION,
+            allowed_models TEXT,
+            rpm BIGINT,
+            tpm BIGINT,
+            budget_usd DOUBLE PRECISION,
+            budget_period TEXT NOT NULL DEFAULT 'month',
+            expires_at DOUBLE PRECISION,
+            disabled INTEGER NOT NULL DEFAULT 0,
+            can_confirm INTEGER NOT NULL DEFAULT 0,
+            alert_webhook_url TEXT,
+            created_at DOUBLE PRECISION NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX api_keys_tenant ON api_keys(tenant_id)",
+    ],
+    ["ALTER TABLE api_keys ADD COLUMN route_overrides TEXT"],
+    ["ALTER TABLE api_keys ADD COLUMN cache_sampled INTEGER NOT NULL DEFAULT 0"],
+    ["ALTER TABLE api_keys ADD COLUMN can_self_confirm INTEGER NOT NULL DEFAULT 0"],
 ]
 
 BudgetPeriod = Literal["day", "month"]
@@ -104,75 +108,89 @@ class AuthFailure(Exception):
 
 
 class AccountStore:
-    def __init__(self, path: Path, pepper: bytes) -> None:
-        self.db = connect(path, synchronous="FULL")
-        migrate(self.db, MIGRATIONS)
+    def __init__(self, target: Target, pepper: bytes) -> None:
+        """`target`: a SQLite file path, a postgresql:// URL, or a shared `Database`."""
+        self.db, self._owns_db = open_database(target, name=COMPONENT)
+        migrate(self.db, COMPONENT, MIGRATIONS, legacy=legacy_schema_version)
         self.pepper = pepper
-        self.keys: dict[str, ApiKeyRecord] = {}  # the keys this process has seen
+        self.keys: dict[str, ApiKeyRecord] = {}
+        for row in self.db.fetchall("SELECT * FROM api_keys"):
+            record = _record_from_row(row)
+            self.keys[record.key_id] = record
 
     # ------------------------------------------------------------------ tenants
     def ensure_tenant(self, tenant_id: str, name: str | None = None) -> None:
-        self.db.execute("INSERT INTO tenants (tenant_id, name, created_at) VALUES (?, ?, ?) "
-                        "ON CONFLICT (tenant_id) DO NOTHING",
-                        (tenant_id, name or tenant_id, time.time()))
+        """Create the tenant unless it exists (race-free between processes)."""
+        self.db.write(_ENSURE_TENANT, (tenant_id, name or tenant_id, time.time()),
+                      idempotent=True)
 
     def tenants(self) -> list[dict[str, Any]]:
-        return [dict(row) for row in self.db.execute(
-            "SELECT tenant_id, name, created_at FROM tenants ORDER BY tenant_id")]
+        return self.db.fetchall("SELECT tenant_id, name, created_at FROM tenants "
+                                "ORDER BY tenant_id")
 
     # ------------------------------------------------------------------ keys
     def create_key(self, tenant_id: str, key_id: str | None = None,
                    **fields: Any) -> tuple[ApiKeyRecord, NewKey]:
-        """`key_id`: chosen by the caller (it picks the owner shard), else random."""
+        """A new key; `key_id` (optional) must look like a generated one and be unused."""
         unknown = set(fields) - EDITABLE_FIELDS
         if unknown:
             raise ValueError(f"unknown key fields: {sorted(unknown)}")
-        if key_id is not None and not KEY_ID_RE.fullmatch(key_id):
-            raise ValueError("key_id must be 12 letters or digits")
-        if key_id is not None and self.get(key_id) is not None:
-            raise ValueError("a key with this id exists")
-        self.ensure_tenant(tenant_id)
+        if key_id is not None and not is_valid_key_id(key_id):
+            raise ValueError("key_id must be 12 characters from the key id alphabet "
+                             "(letters and digits without 0, 1, I, O, l)")
         new = generate_key(self.pepper, key_id=key_id)
         now = time.time()
         record = ApiKeyRecord(key_id=new.key_id, tenant_id=tenant_id, key_hash=new.key_hash,
                               created_at=now, updated_at=now, **fields)
         _validate(record)
-        self.db.execute(
-            "INSERT INTO api_keys (key_id, tenant_id, name, key_hash, allowed_models, rpm, tpm,"
-            " budget_usd, budget_period, expires_at, disabled, can_confirm, alert_webhook_url,"
-            " route_overrides, cache_sampled, can_self_confirm, created_at, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (record.key_id, tenant_id, record.name, record.key_hash,
-             _json_or_none(record.allowed_models), record.rpm, record.tpm, record.budget_usd,
-             record.budget_period, record.expires_at, int(record.disabled),
-             int(record.can_confirm), record.alert_webhook_url,
-             json.dumps(record.route_overrides), int(record.cache_sampled),
-             int(record.can_self_confirm), now, now))
+
+        def insert(tx: Any) -> None:
+            tx.execute(_ENSURE_TENANT, (tenant_id, tenant_id, now))
+            inserted = tx.execute(
+                "INSERT INTO api_keys (key_id, tenant_id, name, key_hash, allowed_models, rpm,"
+                " tpm, budget_usd, budget_period, expires_at, disabled, can_confirm,"
+                " alert_webhook_url, route_overrides, cache_sampled, can_self_confirm,"
+                " created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (key_id) DO NOTHING",
+                (record.key_id, tenant_id, record.name, record.key_hash,
+                 _json_or_none(record.allowed_models), record.rpm, record.tpm,
+                 record.budget_usd, record.budget_period, record.expires_at,
+                 int(record.disabled), int(record.can_confirm), record.alert_webhook_url,
+                 json.dumps(record.route_overrides), int(record.cache_sampled),
+                 int(record.can_self_confirm), now, now)).rowcount
+            if inserted != 1:  # raised inside the transaction: the tenant rolls back too
+                raise ValueError(f"key id {record.key_id} already exists")
+
+        self.db.run(insert)
         self.keys[record.key_id] = record
         return record, new
 
     def get(self, key_id: str) -> ApiKeyRecord | None:
+        """From the index; on a miss from the database (another process may have created
+        the key), cached once found."""
         record = self.keys.get(key_id)
-        if record is None:
-            record = self.refresh(key_id)
-        return record
+        return record if record is not None else self.refresh(key_id)
 
     def refresh(self, key_id: str) -> ApiKeyRecord | None:
-        """Re-read one key from the database (first sight, or written elsewhere)."""
-        row = self.db.execute("SELECT * FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()
+        """Re-read one key from the database into the index (None, and dropped from the
+        index, if it is not there)."""
+        row = self.db.fetchone("SELECT * FROM api_keys WHERE key_id = ?", (key_id,))
         if row is None:
             self.keys.pop(key_id, None)
             return None
-        record = self.keys[key_id] = _record_from_row(row)
+        record = _record_from_row(row)
+        self.keys[key_id] = record
         return record
 
     def list(self, tenant_id: str | None = None) -> list[ApiKeyRecord]:
-        """From the database: keys owned by other shards are listed too."""
+        """Every key (of a tenant), read from the database, oldest first."""
         if tenant_id is None:
-            rows = self.db.execute("SELECT * FROM api_keys ORDER BY created_at")
+            rows = self.db.fetchall("SELECT * FROM api_keys ORDER BY created_at, key_id")
         else:
-            rows = self.db.execute("SELECT * FROM api_keys WHERE tenant_id = ? "
-                                   "ORDER BY created_at", (tenant_id,))
+            rows = self.db.fetchall("SELECT * FROM api_keys WHERE tenant_id = ? "
+                                    "ORDER BY created_at, key_id", (tenant_id,))
+        # Not cached: a listing shard is not the owner of most of these keys.
         return [_record_from_row(row) for row in rows]
 
     def update(self, key_id: str, **fields: Any) -> ApiKeyRecord:
@@ -226,13 +244,15 @@ class AccountStore:
 
     # ------------------------------------------------------------------ internals
     def _require(self, key_id: str) -> ApiKeyRecord:
-        record = self.get(key_id)
+        """The key as stored now (another process may have changed it): writes start
+        from it."""
+        record = self.refresh(key_id)
         if record is None:
             raise KeyError(key_id)
         return record
 
     def _save(self, record: ApiKeyRecord) -> None:
-        self.db.execute(
+        self.db.write(
             "UPDATE api_keys SET name=?, key_hash=?, previous_hash=?, previous_valid_until=?,"
             " allowed_models=?, rpm=?, tpm=?, budget_usd=?, budget_period=?, expires_at=?,"
             " disabled=?, can_confirm=?, alert_webhook_url=?, route_overrides=?, cache_sampled=?,"
@@ -245,9 +265,12 @@ class AccountStore:
              int(record.can_self_confirm), record.updated_at, record.key_id))
 
     def close(self) -> None:
-        self.db.close()
+        if self._owns_db:
+            self.db.close()
 
 
+_ENSURE_TENANT = ("INSERT INTO tenants (tenant_id, name, created_at) VALUES (?, ?, ?) "
+                  "ON CONFLICT (tenant_id) DO NOTHING")
 _INT64_MAX = 2**63 - 1
 
 

@@ -1,11 +1,12 @@
-"""Append-only, hash-chained audit log of every tool call (SQLite, WAL, synchronous=FULL).
+"""Append-only, hash-chained audit log of every tool call (SQLite with WAL and
+synchronous=FULL, or PostgreSQL shared by the replicas of every node).
 
 Storage is an event log, never updated: each tool call writes a `started` row (decision
 auto/approved/denied/expired/blocked, requester: the key whose run asked for the call,
 confirmer: the key that approved or denied it, arguments) BEFORE the tool runs and a
 `finished` row (result summary, duration, error) after it; an irreversible call also writes
 a `requested` row (decision `pending`) when the session pauses for confirmation. Triggers
-refuse UPDATE and DELETE. `calls(session_id)` folds the events into one record per call.
+refuse UPDATE and DELETE (PostgreSQL: TRUNCATE too). `calls(session_id)` folds the events into one record per call.
 
 Each row's hash is sha256 over its own content and the previous row's hash, so editing,
 inserting or deleting a row in the middle breaks the chain at that row: `verify_chain()`
@@ -20,10 +21,9 @@ import json
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from serve_app.sqlite_db import connect
+from serve_app.database import Dialects, Target, Transaction, migrate, open_database
 
 GENESIS = "0" * 64
 DECISIONS = ("pending", "auto", "approved", "denied", "expired", "blocked")
@@ -34,9 +34,9 @@ _HASHED = ("seq", "session_id", "call_id", "step", "event", "tool", "arguments",
 # Columns added later: hashed only when set, so rows written before they existed verify.
 _HASHED_OPTIONAL = ("requester",)
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS audit_events (
-    seq INTEGER PRIMARY KEY,
+COMPONENT = "agent_audit"
+_APPEND_ONLY = "audit log is append-only"
+_COLUMNS_V1 = """
     session_id TEXT NOT NULL,
     call_id TEXT NOT NULL,
     step INTEGER NOT NULL,
@@ -46,19 +46,44 @@ CREATE TABLE IF NOT EXISTS audit_events (
     decision TEXT,
     confirmer TEXT,
     result_summary TEXT,
-    duration_ms REAL,
+    duration_ms DOUBLE PRECISION,
     error TEXT,
-    created_at REAL NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
     prev_hash TEXT NOT NULL,
-    hash TEXT NOT NULL,
-    requester TEXT
-);
-CREATE INDEX IF NOT EXISTS audit_by_session ON audit_events (session_id, seq);
-CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit_events
-BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit_events
-BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
-"""
+    hash TEXT NOT NULL
+)"""
+MIGRATIONS = [
+    [
+        # seq is computed by append (last + 1), never by the database; on SQLite it stays
+        # the rowid alias it always was.
+        Dialects(sqlite="CREATE TABLE audit_events (seq INTEGER PRIMARY KEY," + _COLUMNS_V1,
+                 postgresql="CREATE TABLE audit_events (seq BIGINT PRIMARY KEY," + _COLUMNS_V1),
+        "CREATE INDEX audit_by_session ON audit_events (session_id, seq)",
+        Dialects(
+            sqlite="CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit_events "
+                   f"BEGIN SELECT RAISE(ABORT, '{_APPEND_ONLY}'); END",
+            postgresql="CREATE FUNCTION audit_events_append_only() RETURNS trigger "
+                       f"LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION '{_APPEND_ONLY}'; END $$"),
+        Dialects(
+            sqlite="CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit_events "
+                   f"BEGIN SELECT RAISE(ABORT, '{_APPEND_ONLY}'); END",
+            postgresql="CREATE TRIGGER audit_no_update_delete BEFORE UPDATE OR DELETE ON "
+                       "audit_events FOR EACH ROW EXECUTE FUNCTION audit_events_append_only()"),
+        Dialects(
+            sqlite="SELECT 1",  # SQLite has no TRUNCATE
+            postgresql="CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit_events "
+                       "FOR EACH STATEMENT EXECUTE FUNCTION audit_events_append_only()"),
+    ],
+    ["ALTER TABLE audit_events ADD COLUMN requester TEXT"],
+]
+
+
+def _legacy_version(tx: Transaction) -> int:
+    """A log from before versioned migrations (CREATE IF NOT EXISTS): version 1 if the
+    table is there, 2 if it has the requester column already."""
+    if not tx.table_exists("audit_events"):
+        return 0
+    return 2 if "requester" in tx.columns("audit_events") else 1
 
 
 def row_hash(row: dict[str, Any]) -> str:
@@ -70,21 +95,19 @@ def row_hash(row: dict[str, Any]) -> str:
 
 
 class AuditLog:
-    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time,
+    def __init__(self, target: Target, *, clock: Callable[[], float] = time.time,
                  summary_chars: int = 2000) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """`target`: a SQLite file path, a postgresql:// URL, or a shared `Database`."""
         self.clock = clock
         self.summary_chars = summary_chars
         self._lock = threading.Lock()
-        self._db = connect(self.path, synchronous="FULL")
-        self._db.executescript(_SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(audit_events)")}
-        if "requester" not in columns:  # a log created before requesters were recorded
-            self._db.execute("ALTER TABLE audit_events ADD COLUMN requester TEXT")
+        self._db, self._owns_db = open_database(target, name=COMPONENT)
+        self.path = self._db.path  # the SQLite file (None on PostgreSQL)
+        migrate(self._db, COMPONENT, MIGRATIONS, legacy=_legacy_version)
 
     def close(self) -> None:
-        self._db.close()
+        if self._owns_db:
+            self._db.close()
 
     # ------------------------------------------------------------------ writing
     def append(self, *, session_id: str, call_id: str, step: int, event: str, tool: str,
@@ -105,39 +128,34 @@ class AuditLog:
             "decision": decision, "confirmer": confirmer, "requester": requester,
             "result_summary": _cut(result_summary, self.summary_chars),
             "duration_ms": None if duration_ms is None else round(float(duration_ms), 3),
-            "error": _cut(error, self.summary_chars), "created_at": self.clock(),
+            # float: what the DOUBLE PRECISION column gives back, so the hash verifies.
+            "error": _cut(error, self.summary_chars), "created_at": float(self.clock()),
         }
-        with self._lock:
-            # BEGIN IMMEDIATE takes the write lock first: appends from several replicas
-            # (processes) are serialised, so the chain never forks.
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                last = self._db.execute(
-                    "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1").fetchone()
-                row["seq"] = (last["seq"] + 1) if last else 1
-                row["prev_hash"] = last["hash"] if last else GENESIS
-                row["hash"] = row_hash(row)
-                columns = (*_HASHED, *_HASHED_OPTIONAL, "hash")
-                self._db.execute(
-                    f"INSERT INTO audit_events ({', '.join(columns)}) "
-                    f"VALUES ({', '.join('?' for _ in columns)})",
-                    [row[c] for c in columns])
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        columns = (*_HASHED, *_HASHED_OPTIONAL, "hash")
+        insert = (f"INSERT INTO audit_events ({', '.join(columns)}) "
+                  f"VALUES ({', '.join('?' for _ in columns)})")
+        with self._lock, self._db.transaction() as tx:
+            # One writer at a time across processes (replicas), so the chain never forks:
+            # SQLite's BEGIN IMMEDIATE takes the write lock first; PostgreSQL locks the
+            # table against other writers (readers go on) until the commit.
+            tx.lock_exclusive("audit_events")
+            last = tx.fetchone("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
+            row["seq"] = (last["seq"] + 1) if last else 1
+            row["prev_hash"] = last["hash"] if last else GENESIS
+            row["hash"] = row_hash(row)
+            tx.execute(insert, [row[c] for c in columns])
         return row["seq"]
 
     # ------------------------------------------------------------------ reading
     def events(self, session_id: str | None = None) -> list[dict[str, Any]]:
         with self._lock:
             if session_id is None:
-                rows = self._db.execute("SELECT * FROM audit_events ORDER BY seq").fetchall()
+                rows = self._db.fetchall("SELECT * FROM audit_events ORDER BY seq")
             else:
-                rows = self._db.execute(
+                rows = self._db.fetchall(
                     "SELECT * FROM audit_events WHERE session_id = ? ORDER BY seq",
-                    (session_id,)).fetchall()
-        return [_decode(dict(row)) for row in rows]
+                    (session_id,))
+        return [_decode(row) for row in rows]
 
     def calls(self, session_id: str) -> list[dict[str, Any]]:
         """One record per tool call, in the order the calls were first logged."""
@@ -174,7 +192,7 @@ class AuditLog:
     def verify_chain(self) -> dict[str, Any] | None:
         """None when intact, else the first broken row: {'seq', 'reason'}."""
         with self._lock:
-            rows = self._db.execute("SELECT * FROM audit_events ORDER BY seq").fetchall()
+            rows = self._db.fetchall("SELECT * FROM audit_events ORDER BY seq")
         previous = GENESIS
         expected_seq = 1
         for raw in rows:
@@ -192,8 +210,8 @@ class AuditLog:
     def head(self) -> str:
         """Hash of the newest row (store it elsewhere to detect a cut-off tail)."""
         with self._lock:
-            row = self._db.execute(
-                "SELECT hash FROM audit_events ORDER BY seq DESC LIMIT 1").fetchone()
+            row = self._db.fetchone(
+                "SELECT hash FROM audit_events ORDER BY seq DESC LIMIT 1")
         return row["hash"] if row else GENESIS
 
 

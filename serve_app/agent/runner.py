@@ -66,7 +66,10 @@ class AgentService:
                  retrieve: SessionRetrieveFn | None = None,
                  clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic,
-                 replica_id: str | None = None, http_transport: Any = None) -> None:
+                 replica_id: str | None = None, http_transport: Any = None,
+                 database_url: str | None = None) -> None:
+        """`database_url`: a postgresql:// URL holding the sessions and the audit log
+        (shared by every replica); None: their SQLite files under data_dir."""
         data_dir = Path(data_dir)
         self.settings = settings
         self.llm = llm
@@ -76,8 +79,10 @@ class AgentService:
         self.monotonic = monotonic
         self.replica_id = replica_id or uuid.uuid4().hex[:12]
         self.http_transport = http_transport
-        self.store = SessionStore(settings.resolve(data_dir, settings.sessions_db), clock=clock)
-        self.audit_log = AuditLog(settings.resolve(data_dir, settings.audit_db), clock=clock)
+        self.store = SessionStore(
+            database_url or settings.resolve(data_dir, settings.sessions_db), clock=clock)
+        self.audit_log = AuditLog(
+            database_url or settings.resolve(data_dir, settings.audit_db), clock=clock)
         self.sandbox = Sandbox(settings.sandbox)
         self.workspace_root = settings.resolve(data_dir, settings.workspace_dir)
         self.loops = LoopDetector(settings.loop_repeat_limit)

@@ -1,24 +1,24 @@
-"""Agent sessions persisted in SQLite (WAL, synchronous=FULL), so any replica can resume a
-session and a restart loses nothing.
+"""Agent sessions persisted in SQLite (WAL, synchronous=FULL) or PostgreSQL (shared by the
+replicas of every node), so any replica can resume a session and a restart loses nothing.
 
 Two guards keep replicas apart:
 - a lease (`acquire`/`release`): only the holder runs the session's steps; a lease that
   outlives its holder (crash) expires and can be taken over;
 - optimistic concurrency: every save names the version it read and fails with
   `SessionConflict` if anyone saved in between.
+Both are one `UPDATE ... WHERE` whose rowcount says who won: atomic on both backends (on
+PostgreSQL a concurrent UPDATE waits for the row lock, then re-checks the WHERE).
 """
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from serve_app.sqlite_db import connect
+from serve_app.database import Target, Transaction, migrate, open_database
 
 RUNNING = "running"
 AWAITING = "awaiting_confirmation"
@@ -28,20 +28,28 @@ STOPPED = "stopped"  # a budget or guardrail stop; final
 DELETED = "deleted"  # final
 STATUSES = (RUNNING, AWAITING, COMPLETED, ERROR, STOPPED, DELETED)
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS agent_sessions (
-    id TEXT PRIMARY KEY,
-    owner TEXT,
-    status TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    lease_owner TEXT,
-    lease_until REAL,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    state TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS agent_sessions_owner ON agent_sessions (owner, created_at);
-"""
+COMPONENT = "agent_sessions"
+MIGRATIONS = [
+    [
+        """CREATE TABLE agent_sessions (
+            id TEXT PRIMARY KEY,
+            owner TEXT,
+            status TEXT NOT NULL,
+            version BIGINT NOT NULL,
+            lease_owner TEXT,
+            lease_until DOUBLE PRECISION,
+            created_at DOUBLE PRECISION NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL,
+            state TEXT NOT NULL
+        )""",
+        "CREATE INDEX agent_sessions_owner ON agent_sessions (owner, created_at)",
+    ],
+]
+
+
+def _legacy_version(tx: Transaction) -> int:
+    """A store from before versioned migrations (CREATE IF NOT EXISTS) is at version 1."""
+    return 1 if tx.table_exists("agent_sessions") else 0
 
 
 class SessionConflict(Exception):
@@ -86,7 +94,7 @@ class Session:
         return json.dumps(data, ensure_ascii=False)
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> "Session":
+    def from_row(cls, row: Mapping[str, Any]) -> "Session":
         state = json.loads(row["state"])
         return cls(id=row["id"], owner=row["owner"], status=row["status"],
                    version=row["version"], created_at=row["created_at"],
@@ -94,23 +102,24 @@ class Session:
 
 
 class SessionStore:
-    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, target: Target, *, clock: Callable[[], float] = time.time) -> None:
+        """`target`: a SQLite file path, a postgresql:// URL, or a shared `Database`."""
         self.clock = clock
         self._lock = threading.Lock()
-        self._db = connect(self.path, synchronous="FULL")
-        self._db.executescript(_SCHEMA)
+        self._db, self._owns_db = open_database(target, name=COMPONENT)
+        self.path = self._db.path  # the SQLite file (None on PostgreSQL)
+        migrate(self._db, COMPONENT, MIGRATIONS, legacy=_legacy_version)
 
     def close(self) -> None:
-        self._db.close()
+        if self._owns_db:
+            self._db.close()
 
     def create(self, session: Session) -> Session:
         now = self.clock()
         session.created_at = session.updated_at = now
         session.version = 1
         with self._lock:
-            self._db.execute(
+            self._db.write(
                 "INSERT INTO agent_sessions (id, owner, status, version, created_at, "
                 "updated_at, state) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (session.id, session.owner, session.status, session.version, now, now,
@@ -119,19 +128,19 @@ class SessionStore:
 
     def load(self, session_id: str) -> Session | None:
         with self._lock:
-            row = self._db.execute("SELECT * FROM agent_sessions WHERE id = ?",
-                                   (session_id,)).fetchone()
+            row = self._db.fetchone("SELECT * FROM agent_sessions WHERE id = ?",
+                                    (session_id,))
         return Session.from_row(row) if row else None
 
     def save(self, session: Session) -> Session:
         """Write the session if nobody saved since it was loaded; bumps its version."""
         now = self.clock()
         with self._lock:
-            cursor = self._db.execute(
+            changed = self._db.write(
                 "UPDATE agent_sessions SET status = ?, version = version + 1, updated_at = ?, "
                 "state = ? WHERE id = ? AND version = ?",
                 (session.status, now, session.state(), session.id, session.version))
-        if cursor.rowcount != 1:
+        if changed != 1:
             raise SessionConflict(f"session {session.id} was changed by another replica")
         session.version += 1
         session.updated_at = now
@@ -142,29 +151,30 @@ class SessionStore:
         """Take the session's lease if it is free, expired, or already ours."""
         now = self.clock()
         with self._lock:
-            cursor = self._db.execute(
+            taken = self._db.write(
                 "UPDATE agent_sessions SET lease_owner = ?, lease_until = ? WHERE id = ? AND "
                 "(lease_owner IS NULL OR lease_until < ? OR lease_owner = ?)",
                 (holder, now + ttl_s, session_id, now, holder))
-        return cursor.rowcount == 1
+        return taken == 1
 
     def release(self, session_id: str, holder: str) -> None:
         with self._lock:
-            self._db.execute(
+            # Idempotent: releasing twice changes nothing more.
+            self._db.write(
                 "UPDATE agent_sessions SET lease_owner = NULL, lease_until = NULL "
-                "WHERE id = ? AND lease_owner = ?", (session_id, holder))
+                "WHERE id = ? AND lease_owner = ?", (session_id, holder), idempotent=True)
 
     def lease(self, session_id: str) -> tuple[str | None, float | None]:
         with self._lock:
-            row = self._db.execute("SELECT lease_owner, lease_until FROM agent_sessions "
-                                   "WHERE id = ?", (session_id,)).fetchone()
+            row = self._db.fetchone("SELECT lease_owner, lease_until FROM agent_sessions "
+                                    "WHERE id = ?", (session_id,))
         return (row["lease_owner"], row["lease_until"]) if row else (None, None)
 
     def list_ids(self, owner: str | None = None) -> list[str]:
         with self._lock:
             if owner is None:
-                rows = self._db.execute("SELECT id FROM agent_sessions ORDER BY created_at")
+                rows = self._db.fetchall("SELECT id FROM agent_sessions ORDER BY created_at")
             else:
-                rows = self._db.execute("SELECT id FROM agent_sessions WHERE owner = ? "
-                                        "ORDER BY created_at", (owner,))
-            return [row["id"] for row in rows.fetchall()]
+                rows = self._db.fetchall("SELECT id FROM agent_sessions WHERE owner = ? "
+                                         "ORDER BY created_at", (owner,))
+            return [row["id"] for row in rows]

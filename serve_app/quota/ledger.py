@@ -12,49 +12,51 @@ import json
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from serve_app.sqlite_db import connect, migrate
+from serve_app.database import Target, legacy_schema_version, migrate, open_database
 
+COMPONENT = "ledger"
+# Versions 1-2 are the migrations of the SQLite-only ledger (its `schema_version` table),
+# written portably (DOUBLE PRECISION for times and money).
 MIGRATIONS = [
-    """
-    CREATE TABLE usage (
-        request_id TEXT PRIMARY KEY,
-        ts REAL NOT NULL,
-        tenant_id TEXT NOT NULL,
-        key_id TEXT NOT NULL,
-        route TEXT NOT NULL,
-        model TEXT,
-        tier TEXT,
-        tokens_in INTEGER NOT NULL DEFAULT 0,
-        tokens_out INTEGER NOT NULL DEFAULT 0,
-        cost_usd REAL NOT NULL DEFAULT 0,
-        cache_hit INTEGER NOT NULL DEFAULT 0,
-        saved_usd REAL NOT NULL DEFAULT 0,
-        latency_ms REAL NOT NULL DEFAULT 0,
-        status INTEGER NOT NULL,
-        error_code TEXT,
-        fallback TEXT,
-        sources TEXT
-    );
-    CREATE INDEX usage_key_ts ON usage(key_id, ts);
-    CREATE INDEX usage_tenant_ts ON usage(tenant_id, ts);
-    CREATE INDEX usage_ts ON usage(ts);
-    CREATE TABLE budget_alerts (
-        key_id TEXT NOT NULL,
-        period_start REAL NOT NULL,
-        threshold REAL NOT NULL,
-        fired_at REAL NOT NULL,
-        PRIMARY KEY (key_id, period_start, threshold)
-    )
-    """,
+    [
+        """CREATE TABLE usage (
+            request_id TEXT PRIMARY KEY,
+            ts DOUBLE PRECISION NOT NULL,
+            tenant_id TEXT NOT NULL,
+            key_id TEXT NOT NULL,
+            route TEXT NOT NULL,
+            model TEXT,
+            tier TEXT,
+            tokens_in INTEGER NOT NULL DEFAULT 0,
+            tokens_out INTEGER NOT NULL DEFAULT 0,
+            cost_usd DOUBLE PRECISION NOT NULL DEFAULT 0,
+            cache_hit INTEGER NOT NULL DEFAULT 0,
+            saved_usd DOUBLE PRECISION NOT NULL DEFAULT 0,
+            latency_ms DOUBLE PRECISION NOT NULL DEFAULT 0,
+            status INTEGER NOT NULL,
+            error_code TEXT,
+            fallback TEXT,
+            sources TEXT
+        )""",
+        "CREATE INDEX usage_key_ts ON usage(key_id, ts)",
+        "CREATE INDEX usage_tenant_ts ON usage(tenant_id, ts)",
+        "CREATE INDEX usage_ts ON usage(ts)",
+        """CREATE TABLE budget_alerts (
+            key_id TEXT NOT NULL,
+            period_start DOUBLE PRECISION NOT NULL,
+            threshold DOUBLE PRECISION NOT NULL,
+            fired_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (key_id, period_start, threshold)
+        )""",
+    ],
     # The caller's x-request-id: a correlation field only (never a key), looked up per
     # tenant. request_id is always the server's own id.
-    """
-    ALTER TABLE usage ADD COLUMN client_request_id TEXT;
-    CREATE INDEX usage_tenant_client ON usage(tenant_id, client_request_id)
-    """,
+    [
+        "ALTER TABLE usage ADD COLUMN client_request_id TEXT",
+        "CREATE INDEX usage_tenant_client ON usage(tenant_id, client_request_id)",
+    ],
 ]
 
 GROUP_COLUMNS = {"key": "key_id", "tenant": "tenant_id", "model": "model", "tier": "tier",
@@ -90,14 +92,15 @@ class UsageRow:
 
 
 _COLUMNS = [f.name for f in UsageRow.__dataclass_fields__.values()]  # type: ignore[attr-defined]
-_INSERT = (f"INSERT OR IGNORE INTO usage ({', '.join(_COLUMNS)}) "
-           f"VALUES ({', '.join('?' for _ in _COLUMNS)})")
+_INSERT = (f"INSERT INTO usage ({', '.join(_COLUMNS)}) "
+           f"VALUES ({', '.join('?' for _ in _COLUMNS)}) ON CONFLICT (request_id) DO NOTHING")
 
 
 class UsageLedger:
-    def __init__(self, path: Path) -> None:
-        self.db = connect(path, synchronous="FULL")
-        migrate(self.db, MIGRATIONS)
+    def __init__(self, target: Target) -> None:
+        """`target`: a SQLite file path, a postgresql:// URL, or a shared `Database`."""
+        self.db, self._owns_db = open_database(target, name=COMPONENT)
+        migrate(self.db, COMPONENT, MIGRATIONS, legacy=legacy_schema_version)
         self._lock = threading.Lock()  # one writer at a time on this connection
         self._pending: list[tuple[UsageRow, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -126,14 +129,12 @@ class UsageLedger:
                     future.set_result(None)
 
     def _commit(self, rows: list[UsageRow]) -> None:
+        values = [row.values() for row in rows]
         with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                self.db.executemany(_INSERT, [row.values() for row in rows])
-                self.db.execute("COMMIT")
-            except Exception:
-                self.db.execute("ROLLBACK")
-                raise
+            # One transaction per batch. Idempotent (ON CONFLICT DO NOTHING by request id):
+            # if the PostgreSQL connection dies mid-commit, the batch is written once more
+            # on a new connection, and rows that did commit are not counted twice.
+            self.db.run(lambda tx: tx.executemany(_INSERT, values), idempotent=True)
             self.commits += 1
 
     def append_sync(self, row: UsageRow) -> None:
@@ -142,7 +143,7 @@ class UsageLedger:
     # ------------------------------------------------------------------ reads
     def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         with self._lock:
-            return [dict(row) for row in self.db.execute(sql, params)]
+            return self.db.fetchall(sql, params)
 
     def spent_since(self, key_id: str, since: float) -> float:
         rows = self._read("SELECT COALESCE(SUM(cost_usd), 0) AS spent FROM usage "
@@ -150,8 +151,8 @@ class UsageLedger:
         return float(rows[0]["spent"])
 
     def recent_usage(self, key_id: str, since: float) -> list[tuple[float, int]]:
-        """(ts, tokens in + out) of the key's rows since `since`, oldest first: what a
-        restarted Quota shard rebuilds the key's rate-limit windows from."""
+        """(ts, tokens_in + tokens_out) of the key's rows with ts >= since, oldest first:
+        what a restarted replica rebuilds its rate-limit windows from."""
         rows = self._read("SELECT ts, tokens_in + tokens_out AS tokens FROM usage "
                           "WHERE key_id = ? AND ts >= ? ORDER BY ts", (key_id, since))
         return [(float(r["ts"]), int(r["tokens"])) for r in rows]
@@ -182,22 +183,25 @@ class UsageLedger:
             f"SELECT {column} AS {group_by}, COUNT(*) AS requests,"
             " SUM(CASE WHEN status < 400 THEN 1 ELSE 0 END) AS succeeded,"
             " SUM(tokens_in) AS tokens_in, SUM(tokens_out) AS tokens_out,"
-            " ROUND(SUM(cost_usd), 10) AS cost_usd, SUM(cache_hit) AS cache_hits,"
-            " ROUND(SUM(saved_usd), 10) AS saved_usd"
+            f" {self.db.round_sum('cost_usd', 10)} AS cost_usd,"
+            " SUM(cache_hit) AS cache_hits,"
+            f" {self.db.round_sum('saved_usd', 10)} AS saved_usd"
             f" FROM usage {where} GROUP BY {column} ORDER BY cost_usd DESC", params)
 
     # ------------------------------------------------------------------ alerts
     def mark_alert(self, key_id: str, period_start: float, threshold: float) -> bool:
         """True if this (key, period, threshold) had not fired before (now it has)."""
         with self._lock:
-            cursor = self.db.execute(
-                "INSERT OR IGNORE INTO budget_alerts (key_id, period_start, threshold, fired_at)"
-                " VALUES (?, ?, ?, ?)", (key_id, period_start, threshold, time.time()))
-            return cursor.rowcount == 1
+            inserted = self.db.write(
+                "INSERT INTO budget_alerts (key_id, period_start, threshold, fired_at)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (key_id, period_start, threshold) DO NOTHING",
+                (key_id, period_start, threshold, time.time()))
+            return inserted == 1
 
     def close(self) -> None:
         with self._lock:
-            self.db.close()
+            if self._owns_db:
+                self.db.close()
 
 
 def _filters(start: float | None, end: float | None, tenant_id: str | None,

@@ -4,6 +4,7 @@ import pytest
 
 from serve_app.accounts.keys import bearer_token, generate_key, hash_key, parse_key_id
 from serve_app.accounts.store import AccountStore, AuthFailure
+from serve_app.database import applied_versions
 
 PEPPER = b"pepper"
 
@@ -23,17 +24,20 @@ def test_bearer_token(header, x_api_key, expected):
     assert bearer_token(header, x_api_key) == expected
 
 
-def test_store_keeps_only_the_hash(tmp_path):
-    store = AccountStore(tmp_path / "a.db", PEPPER)
+def test_store_keeps_only_the_hash(tmp_path, db_target, backend):
+    store = AccountStore(db_target("a.db"), PEPPER)
     record, new = store.create_key("acme", rpm=10)
-    raw = (tmp_path / "a.db").read_bytes() + (tmp_path / "a.db-wal").read_bytes()
+    if backend == "sqlite":  # the file's bytes themselves
+        raw = (tmp_path / "a.db").read_bytes() + (tmp_path / "a.db-wal").read_bytes()
+    else:
+        raw = repr(store.db.fetchall("SELECT * FROM api_keys")).encode()
     assert new.secret.encode() not in raw
     assert store.authenticate(new.secret).key_id == record.key_id
     assert "key_hash" not in record.public()
 
 
-def test_authentication_failures(tmp_path):
-    store = AccountStore(tmp_path / "a.db", PEPPER)
+def test_authentication_failures(db_target):
+    store = AccountStore(db_target("a.db"), PEPPER)
     _, new = store.create_key("acme")
     for bad in ("", None):
         with pytest.raises(AuthFailure) as caught:
@@ -54,8 +58,8 @@ def test_authentication_failures(tmp_path):
     assert caught.value.reason == "expired"
 
 
-def test_rotation_replaces_the_secret_with_optional_grace(tmp_path):
-    store = AccountStore(tmp_path / "a.db", PEPPER)
+def test_rotation_replaces_the_secret_with_optional_grace(db_target):
+    store = AccountStore(db_target("a.db"), PEPPER)
     record, old = store.create_key("acme", rpm=5)
     new = store.rotate(record.key_id)
     assert new.key_id == record.key_id and new.secret != old.secret
@@ -70,21 +74,64 @@ def test_rotation_replaces_the_secret_with_optional_grace(tmp_path):
     assert store.authenticate(newer.secret).key_id == record.key_id
 
 
-def test_store_survives_reopen_with_migrations_applied_once(tmp_path):
-    store = AccountStore(tmp_path / "a.db", PEPPER)
+def test_store_survives_reopen_with_migrations_applied_once(db_target):
+    store = AccountStore(db_target("a.db"), PEPPER)
     record, new = store.create_key("acme", allowed_models=["m1"], budget_usd=2.5,
                                    budget_period="day", route_overrides={"large_max_share": 0.1})
     store.close()
-    reopened = AccountStore(tmp_path / "a.db", PEPPER)
+    reopened = AccountStore(db_target("a.db"), PEPPER)
     again = reopened.authenticate(new.secret)
     assert again.allowed_models == ["m1"] and again.budget_usd == 2.5
     assert again.route_overrides == {"large_max_share": 0.1}
     assert again.allows_model("m1") and not again.allows_model("m2")
-    versions = [r[0] for r in reopened.db.execute("SELECT version FROM schema_version")]
-    assert versions == [1, 2, 3, 4]
+    assert applied_versions(reopened.db, "accounts") == [1, 2, 3, 4]
 
 
-def test_unknown_fields_are_refused(tmp_path):
-    store = AccountStore(tmp_path / "a.db", PEPPER)
+def test_unknown_fields_are_refused(db_target):
+    store = AccountStore(db_target("a.db"), PEPPER)
     with pytest.raises(ValueError):
         store.create_key("acme", key_hash="forged")
+
+
+# ------------------------------------------------------------------ several processes
+def test_a_key_made_by_another_process_is_found_listed_and_refreshed(db_target):
+    """Two stores on one database stand for two Quota shards."""
+    mine, theirs = AccountStore(db_target("a.db"), PEPPER), AccountStore(db_target("a.db"), PEPPER)
+    record, new = theirs.create_key("acme", rpm=3)
+    assert record.key_id not in mine.keys
+    assert mine.authenticate(new.secret).key_id == record.key_id  # get() fell back to the DB
+    assert record.key_id in mine.keys  # and cached it
+    assert [k.key_id for k in mine.list("acme")] == [record.key_id]
+    assert [t["tenant_id"] for t in mine.tenants()] == ["acme"]
+    theirs.update(record.key_id, disabled=True)
+    assert mine.authenticate(new.secret).key_id == record.key_id  # still the cached copy
+    assert mine.refresh(record.key_id).disabled
+    with pytest.raises(AuthFailure) as caught:
+        mine.authenticate(new.secret)
+    assert caught.value.reason == "disabled"
+    # A write starts from the row as stored, not from a stale copy.
+    theirs.update(record.key_id, tpm=99)
+    assert mine.update(record.key_id, rpm=4).tpm == 99
+    assert mine.refresh("ZZZZZZZZZZZZ") is None and mine.get("ZZZZZZZZZZZZ") is None
+
+
+def test_create_key_with_a_chosen_id(db_target):
+    store = AccountStore(db_target("a.db"), PEPPER)
+    record, new = store.create_key("acme", key_id="Abcdefgh2345", rpm=1)
+    assert record.key_id == new.key_id == "Abcdefgh2345" == parse_key_id(new.secret)
+    assert store.authenticate(new.secret).rpm == 1
+    with pytest.raises(ValueError, match="already exists"):
+        store.create_key("other", key_id="Abcdefgh2345")
+    assert AccountStore(db_target("a.db"), PEPPER).get("Abcdefgh2345").tenant_id == "acme"
+    for bad in ("short", "Abcdefgh23450", "Abcdefgh234O", "Abcdefgh234_", 12345678901):
+        with pytest.raises(ValueError, match="key_id"):
+            store.create_key("acme", key_id=bad)
+    assert [t["tenant_id"] for t in store.tenants()] == ["acme"]  # nothing half-made
+
+
+def test_ensure_tenant_is_race_free(db_target):
+    first, second = AccountStore(db_target("a.db"), PEPPER), AccountStore(db_target("a.db"), PEPPER)
+    first.ensure_tenant("acme", "Acme")
+    second.ensure_tenant("acme", "Other name")
+    assert first.tenants() == [{"tenant_id": "acme", "name": "Acme",
+                                "created_at": first.tenants()[0]["created_at"]}]

@@ -1,4 +1,4 @@
-"""Sessions live in SQLite: a new runner instance (restart, another replica) resumes them;
+"""Sessions live in SQLite or PostgreSQL (every test runs on both): a new runner instance (restart, another replica) resumes them;
 leases and versions keep two replicas from running the same step."""
 from __future__ import annotations
 
@@ -16,16 +16,16 @@ def allow(target):
     return {"http_post_allowlist": [f"127.0.0.1:{target.port}"]}
 
 
-async def test_a_paused_session_survives_a_restart(tmp_path, model, target):
+async def test_a_paused_session_survives_a_restart(tmp_path, db_url, model, target):
     target.received.clear()
     model.script(tool_call("http_post", {"url": f"{target.url}/a", "body": "x"}))
-    first = service(tmp_path, model, settings=allow(target))
+    first = service(tmp_path, model, database_url=db_url, settings=allow(target))
     session = await first.create_session(owner="t1", goal="post x")
     paused = await first.post_message(session["id"], "please", owner="t1")
     first.close()  # the replica goes away
 
     model.script(answer("posted"))
-    second = service(tmp_path, model, settings=allow(target))
+    second = service(tmp_path, model, database_url=db_url, settings=allow(target))
     view = await second.get(session["id"], owner="t1")
     assert view["status"] == "awaiting_confirmation"
     assert view["messages"] == paused["messages"]
@@ -40,9 +40,9 @@ async def test_a_paused_session_survives_a_restart(tmp_path, model, target):
     assert second.verify_audit_chain() is None
 
 
-async def test_a_call_interrupted_by_a_crash_is_never_repeated(tmp_path, model):
+async def test_a_call_interrupted_by_a_crash_is_never_repeated(tmp_path, db_url, model):
     model.script(tool_call("files_list", {}), answer("first"))
-    agent = service(tmp_path, model)
+    agent = service(tmp_path, model, database_url=db_url)
     session = await agent.create_session()
     await agent.post_message(session["id"], "go")
     # Simulate a replica that died while running a call: in flight, still queued.
@@ -58,7 +58,7 @@ async def test_a_call_interrupted_by_a_crash_is_never_repeated(tmp_path, model):
     agent.close()
 
     model.script(answer("recovered"))
-    restarted = service(tmp_path, model)
+    restarted = service(tmp_path, model, database_url=db_url)
     result = await restarted.post_message(session["id"], "are you there?")
     assert result["answer"] == "recovered"
     interrupted = json.loads(next(m["content"] for m in result["messages"]
@@ -71,8 +71,8 @@ async def test_a_call_interrupted_by_a_crash_is_never_repeated(tmp_path, model):
     assert not (workspace / "x").exists()
 
 
-async def test_a_session_held_by_another_replica_is_busy(tmp_path, model):
-    agent = service(tmp_path, model)
+async def test_a_session_held_by_another_replica_is_busy(tmp_path, db_url, model):
+    agent = service(tmp_path, model, database_url=db_url)
     session = await agent.create_session()
     assert agent.store.acquire(session["id"], "other-replica:1", ttl_s=60)
     with pytest.raises(ApiError) as busy:
@@ -83,8 +83,8 @@ async def test_a_session_held_by_another_replica_is_busy(tmp_path, model):
     assert (await agent.post_message(session["id"], "hi"))["answer"] == "hello"
 
 
-def test_stale_writes_are_refused(tmp_path):
-    store = SessionStore(tmp_path / "s.sqlite3")
+def test_stale_writes_are_refused(db_target):
+    store = SessionStore(db_target("s.sqlite3"))
     store.create(Session(id="s1", owner=None, model="m", tools=[], limits={}))
     a, b = store.load("s1"), store.load("s1")
     a.status = "running"
@@ -95,9 +95,9 @@ def test_stale_writes_are_refused(tmp_path):
     assert store.load("s1").status == "running"
 
 
-def test_leases_expire(tmp_path):
+def test_leases_expire(db_target):
     clock = [100.0]
-    store = SessionStore(tmp_path / "s.sqlite3", clock=lambda: clock[0])
+    store = SessionStore(db_target("s.sqlite3"), clock=lambda: clock[0])
     store.create(Session(id="s1", owner=None, model="m", tools=[], limits={}))
     assert store.acquire("s1", "a", ttl_s=10)
     assert not store.acquire("s1", "b", ttl_s=10)
@@ -105,8 +105,8 @@ def test_leases_expire(tmp_path):
     assert store.acquire("s1", "b", ttl_s=10)
 
 
-async def test_sessions_are_private_to_their_owner(tmp_path, model):
-    agent = service(tmp_path, model)
+async def test_sessions_are_private_to_their_owner(tmp_path, db_url, model):
+    agent = service(tmp_path, model, database_url=db_url)
     session = await agent.create_session(owner="tenant-a")
     for call in (agent.get(session["id"], owner="tenant-b"),
                  agent.audit(session["id"], owner="tenant-b"),
@@ -117,9 +117,9 @@ async def test_sessions_are_private_to_their_owner(tmp_path, model):
         assert hidden.value.status == 404
 
 
-async def test_an_llm_failure_leaves_a_resumable_session(tmp_path, model):
+async def test_an_llm_failure_leaves_a_resumable_session(tmp_path, db_url, model):
     model.script(failure(503))
-    agent = service(tmp_path, model)
+    agent = service(tmp_path, model, database_url=db_url)
     session = await agent.create_session()
     with pytest.raises(ApiError) as failed:
         await agent.post_message(session["id"], "hi")
@@ -130,9 +130,9 @@ async def test_an_llm_failure_leaves_a_resumable_session(tmp_path, model):
     assert (await agent.post_message(session["id"], "again"))["answer"] == "back"
 
 
-async def test_delete_removes_state_and_workspace_but_keeps_the_audit(tmp_path, model):
+async def test_delete_removes_state_and_workspace_but_keeps_the_audit(tmp_path, db_url, model):
     model.script(tool_call("files_list", {}), answer("ok"))
-    agent = service(tmp_path, model)
+    agent = service(tmp_path, model, database_url=db_url)
     session = await agent.create_session()
     await agent.post_message(session["id"], "go")
     workspace = tmp_path / "agent" / "workspaces" / session["id"]
@@ -146,8 +146,8 @@ async def test_delete_removes_state_and_workspace_but_keeps_the_audit(tmp_path, 
     assert gone.value.status == 409 and gone.value.code == "session_deleted"
 
 
-async def test_unknown_tools_and_sessions_are_client_errors(tmp_path, model):
-    agent = service(tmp_path, model)
+async def test_unknown_tools_and_sessions_are_client_errors(tmp_path, db_url, model):
+    agent = service(tmp_path, model, database_url=db_url)
     with pytest.raises(ApiError) as bad_tool:
         await agent.create_session(tools=["python", "shell"])
     assert bad_tool.value.status == 422 and bad_tool.value.param == "tools"
@@ -158,12 +158,46 @@ async def test_unknown_tools_and_sessions_are_client_errors(tmp_path, model):
     assert missing.value.status == 404
 
 
-async def test_the_model_only_sees_the_session_tools_by_wire_name(tmp_path, model):
+async def test_the_model_only_sees_the_session_tools_by_wire_name(tmp_path, db_url, model):
     model.script(tool_call("python", {"code": "print(1)"}), answer("no python"))
-    agent = service(tmp_path, model)
+    agent = service(tmp_path, model, database_url=db_url)
     session = await agent.create_session(tools=["files.read", "files.list"])
     result = await agent.post_message(session["id"], "run python")
     names = [t["function"]["name"] for t in model.requests[0]["tools"]]
     assert names == ["files_read", "files_list"]
     refused = json.loads(result["messages"][3]["content"])
     assert "unknown tool 'python'" in refused["error"]
+
+
+def test_two_replicas_race_for_one_lease_and_one_save(db_target):
+    """Two stores (replicas) on one database: only one wins the lease, only one save of
+    the same version lands, from many threads at once."""
+    import threading
+
+    stores = [SessionStore(db_target("s.sqlite3")) for _ in range(2)]
+    stores[0].create(Session(id="s1", owner=None, model="m", tools=[], limits={}))
+    barrier = threading.Barrier(8)
+    won: list[str] = []
+    saved: list[str] = []
+
+    def contend(n: int) -> None:
+        store = stores[n % 2]
+        loaded = store.load("s1")
+        barrier.wait()
+        if store.acquire("s1", f"holder-{n}", ttl_s=60):
+            won.append(f"holder-{n}")
+        try:
+            loaded.status = f"by-{n}"
+            store.save(loaded)
+            saved.append(f"by-{n}")
+        except SessionConflict:
+            pass
+
+    threads = [threading.Thread(target=contend, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(won) == 1 and stores[1].lease("s1")[0] == won[0]
+    assert len(saved) == 1 and stores[1].load("s1").status == saved[0]
+    assert stores[0].load("s1").version == 2

@@ -144,8 +144,9 @@ class _Handle:
 
 
 @pytest.fixture
-def shards(tmp_path, monkeypatch):
-    """Two real Quota shells over one data dir (shared accounts and ledger files)."""
+def shards(tmp_path, monkeypatch, db_url):
+    """Two real Quota shells sharing one database: SQLite files in one data dir, or one
+    PostgreSQL database (the `backend` parameter)."""
     import deployments.quota as quota_module
     from serve_app.settings import StackAppSettings
 
@@ -156,7 +157,10 @@ def shards(tmp_path, monkeypatch):
 
     monkeypatch.setattr(quota_module, "QuotaMetrics", NoMetrics)
     monkeypatch.setenv("LLMSTACK_ADMIN_KEY", "sk-admin-" + "7" * 24)
-    settings = StackAppSettings(data_dir=tmp_path, quota={"shards": 2})
+    if db_url is not None:
+        monkeypatch.setenv("LLMSTACK_TEST_SHARDS_DB", db_url)
+    settings = StackAppSettings(data_dir=tmp_path, quota={"shards": 2},
+                                database={"url_env": "LLMSTACK_TEST_SHARDS_DB"})
     return [_Handle(quota_module.Quota.func_or_class(settings, shard)) for shard in (0, 1)]
 
 
