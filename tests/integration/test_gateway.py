@@ -1,6 +1,7 @@
-"""Gateway pattern through HTTP: keys, limits with two Gateway replicas over two Quota
-shards, budgets, alerts, revocation through every gateway, ledger durability across a
-Quota shard kill, admin API and CLI, no key material in logs."""
+"""Gateway pattern through HTTP, on PostgreSQL: keys, limits with two Gateway replicas over
+two Quota shards, budgets, alerts, revocation through every gateway, ledger durability
+across a Quota shard kill and a PostgreSQL restart, admin API and CLI, no key material in
+logs. (The other integration modules run on the SQLite default.)"""
 from __future__ import annotations
 
 import asyncio
@@ -16,6 +17,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
+from tests.conftest import TEST_DATABASE_ENV
 from tests.support.keys import TEST_ADMIN_KEY, admin_client, create_key
 from tests.support.webhook import WebhookRecorder
 
@@ -36,7 +38,8 @@ def stack(cluster, tmp_path_factory, webhook):
     data_dir = tmp_path_factory.mktemp("gateway")
     cluster.deploy_stack(
         data_dir,
-        {"quota": {"shards": 2, "window_s": WINDOW_S, "alert_webhook_url": webhook.url,
+        {"database": {"url_env": TEST_DATABASE_ENV},
+         "quota": {"shards": 2, "window_s": WINDOW_S, "alert_webhook_url": webhook.url,
                    "webhook_first_delay_s": 0.05, "settle_retry_s": 60},
          "router": {"local": {"price_in_per_mtok": PRICE_PER_TOKEN * 1e6,
                               "price_out_per_mtok": PRICE_PER_TOKEN * 1e6}},
@@ -285,6 +288,47 @@ def test_every_200_has_a_ledger_row_even_when_quota_is_killed_mid_load(stack):
             row = admin.get(f"/admin/v1/usage/requests/{request_id}")
             assert row.status_code == 200, request_id
             assert row.json()["status"] == 200 and row.json()["tokens_out"] == 12
+
+
+def test_every_200_has_a_ledger_row_across_a_postgres_restart_mid_load(stack,
+                                                                       postgres_server):
+    """Admission of a key already seen needs no database; settlements that hit the
+    restart fail, the Quota says 503, the gateway retries them until the server is back."""
+    created = create_key(stack.base_url, rpm=25)
+    key = created["key"]
+    assert statuses(asyncio.run(burst(stack, key, 1, max_tokens=1))) == [200]  # first sight
+
+    async def load() -> list:
+        async with AsyncOpenAI(base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0,
+                               timeout=180) as aclient:
+            async def one(i: int):
+                await asyncio.sleep(i * 0.1)
+                try:
+                    return await aclient.chat.completions.with_raw_response.create(
+                        model=MODEL, max_tokens=4, extra_body={"ignore_eos": True},
+                        messages=[{"role": "user", "content": f"Count to {i}."}])
+                except openai.APIStatusError as error:
+                    return error
+
+            async def restart():
+                await asyncio.sleep(0.8)
+                await asyncio.to_thread(postgres_server.restart, "immediate")
+
+            results = await asyncio.gather(*(one(i) for i in range(30)), restart())
+            return results[:-1]
+
+    results = asyncio.run(load())
+    codes = statuses(results)
+    assert set(codes) <= {200, 429, 503}, codes
+    assert codes.count(200) + 1 <= 25  # the RPM held through the restart
+    ok_ids = [r.http_response.headers["x-llmstack-request-id"] for r in results
+              if not isinstance(r, openai.APIStatusError)]
+    assert len(ok_ids) >= 10
+    with admin_client(stack.base_url) as admin:
+        for request_id in ok_ids:
+            row = admin.get(f"/admin/v1/usage/requests/{request_id}")
+            assert row.status_code == 200, request_id
+            assert row.json()["status"] == 200 and row.json()["tokens_out"] == 4
 
 
 def test_usage_and_spend_are_reported_per_key_tenant_and_model(stack):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.postgres import PostgresServer, postgres_server  # noqa: F401 (fixture)
+from tests.support.postgres import PostgresServer
 from tests.support.scripted_model import RecordingTarget, ScriptedModel
 
 DbTarget = Callable[[str], "Path | str"]
