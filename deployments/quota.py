@@ -18,8 +18,10 @@ from deployments.metrics import QuotaMetrics
 from serve_app.accounts.store import AccountStore
 from serve_app.errors import ApiError, error_boundary
 from serve_app.quota.alerts import WebhookNotifier
+from serve_app.quota.journal import ReservationJournal
 from serve_app.quota.ledger import UsageLedger, UsageRow
 from serve_app.quota.service import QuotaPolicy, QuotaService
+from serve_app.quota.sharding import shard_of
 from serve_app.secrets_store import env_or_generated
 from serve_app.settings import StackAppSettings
 
@@ -55,6 +57,8 @@ class Quota:
             alert_logger.propagate = False
         pepper = env_or_generated(quota.key_pepper_env, data_dir, "pepper").encode()
         admin_key = env_or_generated(quota.admin_key_env, data_dir, "admin.key")
+        shards = quota.shards
+        self._tasks: set[asyncio.Future[Any]] = set()
         self.service = QuotaService(
             AccountStore(parsed.database.target(data_dir / "accounts.db"), pepper),
             UsageLedger(parsed.database.target(data_dir / "usage.db")),
@@ -65,7 +69,10 @@ class Quota:
             admin_key,
             notifier=WebhookNotifier(attempts=quota.webhook_attempts,
                                      first_delay_s=quota.webhook_first_delay_s),
-            events=QuotaMetrics(), alert_log=_log_alert)
+            events=QuotaMetrics(), alert_log=_log_alert,
+            # Its own SQLite file: an admission never waits on the ledger's fsync.
+            journal=ReservationJournal(parsed.database.target(data_dir / "reservations.db")),
+            owns=lambda key_id: shard_of(key_id, shards) == shard)
 
     # Every method is async, so all of them run on the replica's event loop, one at a
     # time between awaits: Ray runs sync methods in a thread pool, where they would race
@@ -74,12 +81,16 @@ class Quota:
     # ---------------------------------------------------------------- request path
     async def admit(self, api_key: str | None, model: str, model_known: bool, tokens: int,
                     cost_usd: float, request_id: str, key_id: str | None = None) -> Any:
-        return self.service.admit(
+        admission = self.service.admit(  # decided atomically: no await before this returns
             api_key=api_key, model=model, model_known=model_known, tokens=tokens,
             cost_usd=cost_usd, request_id=request_id, key_id=key_id)
+        await self.service.persist_admissions()  # journaled before the answer leaves
+        return admission
 
     async def extend(self, request_id: str, tokens: int, cost_usd: float) -> Any:
-        return self.service.extend(request_id, tokens, cost_usd)
+        extended = self.service.extend(request_id, tokens, cost_usd)
+        await self.service.persist_admissions()
+        return extended
 
     async def caller(self, api_key: str | None, check_keys: bool = True) -> Any:
         return self.service.caller(api_key, check_keys)
@@ -87,15 +98,24 @@ class Quota:
     async def settle(self, row: dict[str, Any]) -> Any:
         return await self.service.settle(UsageRow(**row))
 
+    def _background(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     # A Gateway replica sends what queued up while its previous call was in flight as one
     # batch (serve_app.quota.batching): one handle round trip for many requests. Each
     # item goes through the decorated single method, so it gets its own outcome.
     async def admit_many(self, requests: list[dict[str, Any]]) -> list[Any]:
-        return [await self.admit(**request) for request in requests]
+        # Tasks start in order and each decides before its first await, so admission
+        # order is the batch's; their journal entries go out in one or two writes.
+        return list(await asyncio.gather(*(self.admit(**request) for request in requests)))
 
     async def settle_many(self, rows: list[dict[str, Any]]) -> list[Any]:
         # Concurrently, so the ledger commits the whole batch in one transaction.
-        return list(await asyncio.gather(*(self.settle(row) for row in rows)))
+        outcomes = list(await asyncio.gather(*(self.settle(row) for row in rows)))
+        self._background(self.service.persist_releases())
+        return outcomes
 
     # ---------------------------------------------------------------- admin
     async def create_key(self, tenant_id: str, fields: dict[str, Any],

@@ -97,6 +97,11 @@ class BudgetBook:
         state.hold(reservation_id, state.reservations.get(reservation_id, 0.0) + amount)
         return True
 
+    def hold(self, key_id: str, period: str, now: float, reservation_id: str,
+             amount: float) -> None:
+        """Hold `amount` without a check (a reservation restored after a restart)."""
+        self._state(key_id, period, now).hold(reservation_id, amount)
+
     def release(self, key_id: str, reservation_id: str) -> None:
         state = self.keys.get(key_id)
         if state is not None:

@@ -157,6 +157,16 @@ class UsageLedger:
                           "WHERE key_id = ? AND ts >= ? ORDER BY ts", (key_id, since))
         return [(float(r["ts"]), int(r["tokens"])) for r in rows]
 
+    def settled(self, request_ids: list[str]) -> set[str]:
+        """Which of these requests have a ledger row."""
+        found: set[str] = set()
+        for start in range(0, len(request_ids), 500):
+            chunk = request_ids[start:start + 500]
+            marks = ", ".join("?" for _ in chunk)
+            found.update(r["request_id"] for r in self._read(
+                f"SELECT request_id FROM usage WHERE request_id IN ({marks})", tuple(chunk)))
+        return found
+
     def row(self, request_id: str) -> dict[str, Any] | None:
         rows = self._read("SELECT * FROM usage WHERE request_id = ?", (request_id,))
         if not rows:

@@ -6,13 +6,16 @@ state changes, and no other request interleaves. Every request of a key goes to 
 owner shard, so limits hold exactly however many gateways there are.
 
 After a restart the windows of a key are rebuilt from the ledger on first sight (the rows
-of the last window), and its budget spend is reloaded; what was in flight when the shard
-died is counted when it settles.
+of the last window), and its budget spend is reloaded. With a reservation journal
+(serve_app/quota/journal.py), what was admitted and not yet settled when the shard died is
+restored too, so limits stay exact across the restart: the shell awaits
+`persist_admissions()` before an admission's answer leaves the shard.
 """
 from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -23,10 +26,12 @@ from serve_app.accounts.store import AccountStore, ApiKeyRecord, AuthFailure
 from serve_app.errors import ApiError
 from serve_app.quota.alerts import WebhookNotifier, crossed_thresholds
 from serve_app.quota.budget import BudgetBook, period_bounds
+from serve_app.quota.journal import JournalEntry, ReservationJournal
 from serve_app.quota.ledger import UsageLedger, UsageRow
 from serve_app.quota.limits import KeyLimiter
 
 ANONYMOUS = "anonymous"
+logger = logging.getLogger("ray.serve")
 
 AUTH_MESSAGES = {
     "missing": ("No API key provided. Send 'Authorization: Bearer sk-...'.", "missing_api_key"),
@@ -67,7 +72,11 @@ class QuotaService:
                  admin_key: str, *, clock: Callable[[], float] = time.time,
                  notifier: WebhookNotifier | None = None,
                  events: QuotaEvents | None = None,
-                 alert_log: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 alert_log: Callable[[dict[str, Any]], None] | None = None,
+                 journal: ReservationJournal | None = None,
+                 owns: Callable[[str], bool] = lambda key_id: True) -> None:
+        """`journal`: where admissions are recorded until they settle (restored at start);
+        `owns(key_id)`: whether this shard owns a key (it restores only its own)."""
         self.accounts = accounts
         self.ledger = ledger
         self.policy = policy
@@ -81,6 +90,13 @@ class QuotaService:
         self.reservations: dict[str, dict[str, Any]] = {}  # request id -> reservation
         self._settling: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self.expired_reservations = 0
+        self.journal = journal
+        self._unjournaled: dict[str, JournalEntry] = {}  # admitted, not yet recorded
+        self._journal_lock = asyncio.Lock()
+        self._released: list[str] = []  # settled or expired, still in the journal
+        self.restored = 0
+        if journal is not None:
+            self._restore(journal.live(clock()), owns)
 
     # ------------------------------------------------------------------ admission
     def authenticate(self, api_key: str | None,
@@ -144,6 +160,7 @@ class QuotaService:
                        "cost": cost_usd, "at": now,
                        "expires_at": now + self.policy.reservation_ttl_s}
         self.reservations[request_id] = reservation
+        self._journal(reservation)
         return {"principal": _principal(record), "reservation": reservation}
 
     def extend(self, request_id: str, tokens: int, cost_usd: float) -> dict[str, Any]:
@@ -176,7 +193,91 @@ class QuotaService:
             raise self._budget_exceeded(record, now, cost_usd)
         reservation["tokens"] += tokens
         reservation["cost"] += cost_usd
+        self._journal(reservation)
         return {"reservation": dict(reservation)}
+
+    # ------------------------------------------------------------------ the journal
+    def _journal(self, reservation: dict[str, Any]) -> None:
+        if self.journal is not None:
+            self._unjournaled[reservation["id"]] = JournalEntry(
+                reservation["id"], reservation["key_id"], reservation["at"],
+                reservation["tokens"], reservation["cost"], reservation["expires_at"])
+
+    def _release_journaled(self, request_id: str) -> None:
+        if self.journal is not None and self._unjournaled.pop(request_id, None) is None:
+            self._released.append(request_id)
+
+    async def persist_admissions(self) -> None:
+        """Record the admissions made so far before their answers leave the shard. A
+        caller whose entries an earlier holder of the lock took finds them recorded. A
+        failing journal (database away) is logged and retried with the next admissions:
+        it only weakens exactness across a restart during that outage."""
+        if self.journal is None or not self._unjournaled:
+            return
+        async with self._journal_lock:
+            entries, self._unjournaled = self._unjournaled, {}
+            if not entries:
+                return
+            try:
+                await asyncio.to_thread(self.journal.record, list(entries.values()))
+            except Exception:
+                logger.warning("reservation journal unavailable; admissions are not "
+                               "recorded until it is back", exc_info=True)
+                self._unjournaled = {**entries, **self._unjournaled}
+                return
+            if self._released:  # settled meanwhile: drop their entries in the same breath
+                released, self._released = self._released, []
+                try:
+                    await asyncio.to_thread(self.journal.release, released)
+                except Exception:
+                    self._released = released + self._released
+
+    async def persist_releases(self) -> None:
+        """Drop settled entries from the journal (lazily: a stale entry whose request has
+        a ledger row is ignored at restart)."""
+        if self.journal is None or not self._released or self._journal_lock.locked():
+            return
+        async with self._journal_lock:
+            released, self._released = self._released, []
+            try:
+                await asyncio.to_thread(self.journal.release, released)
+            except Exception:
+                self._released = released + self._released
+
+    def _restore(self, entries: list[JournalEntry], owns: Callable[[str], bool]) -> None:
+        """A restarted shard takes back its unsettled admissions: reservations, window
+        events (merged in time order with the ledger's) and budget holds."""
+        mine = [e for e in entries if owns(e.key_id)]
+        settled = self.ledger.settled([e.request_id for e in mine])
+        now = self.clock()
+        by_key: dict[str, list[JournalEntry]] = {}
+        for entry in mine:
+            if entry.request_id in settled:
+                self._released.append(entry.request_id)
+            else:
+                by_key.setdefault(entry.key_id, []).append(entry)
+        for key_id, pending in by_key.items():
+            record = self.accounts.get(key_id)
+            if record is None:
+                continue
+            events = [(at, tokens, None) for at, tokens in
+                      self.ledger.recent_usage(key_id, now - self.policy.window_s)]
+            events += [(e.at, e.tokens, e.request_id) for e in pending]
+            limiter = KeyLimiter(self.policy.window_s)
+            for at, tokens, token in sorted(events, key=lambda event: event[0]):
+                limiter.add(at, tokens, token)
+            self.limiters[key_id] = limiter
+            for entry in pending:
+                self.reservations[entry.request_id] = {
+                    "id": entry.request_id, "key_id": key_id, "tokens": entry.tokens,
+                    "cost": entry.cost_usd, "at": entry.at, "expires_at": entry.expires_at}
+                if record.budget_usd is not None:
+                    self.budgets.hold(key_id, record.budget_period, now, entry.request_id,
+                                      entry.cost_usd)
+                self.restored += 1
+        # Expiry pops from the front: keep the reservations in expiry order.
+        self.reservations = dict(sorted(self.reservations.items(),
+                                        key=lambda item: item[1]["expires_at"]))
 
     def _limiter(self, key_id: str, now: float) -> KeyLimiter:
         """The key's windows; on first sight since start-up, rebuilt from the ledger rows
@@ -212,6 +313,7 @@ class QuotaService:
                 return
             del self.reservations[request_id]
             self.budgets.release(reservation["key_id"], request_id)
+            self._release_journaled(request_id)
             self.expired_reservations += 1
 
     # ------------------------------------------------------------------ settlement
@@ -241,6 +343,7 @@ class QuotaService:
             self.budgets.spent(record.key_id, record.budget_period, now)
         await self.ledger.append(row)
         self.reservations.pop(row.request_id, None)
+        self._release_journaled(row.request_id)
         if record is None or already:
             if record is not None:
                 self.budgets.release(record.key_id, row.request_id)

@@ -345,3 +345,66 @@ def test_a_settlement_retried_while_the_first_still_commits_books_once(tmp_path)
     asyncio.run(twice())
     status = quota.budget_status(created["key_id"])
     assert status["spent_usd"] == pytest.approx(0.25) and status["reserved_usd"] == 0
+
+
+def test_admissions_in_flight_when_a_shard_dies_are_restored_from_the_journal(
+        tmp_path, db_target) -> None:
+    """Killed mid-load: its unsettled admissions still count after the restart (RPM, TPM
+    and budget), on SQLite and on PostgreSQL."""
+    from serve_app.accounts.store import AccountStore
+    from serve_app.quota.journal import ReservationJournal
+    from serve_app.quota.ledger import UsageLedger, UsageRow
+    from serve_app.quota.service import QuotaPolicy, QuotaService
+
+    now = [1_800_000_000.0]
+
+    def service() -> QuotaService:
+        return QuotaService(AccountStore(db_target("a.db"), b"p"),
+                            UsageLedger(db_target("u.db")), QuotaPolicy(), "admin",
+                            clock=lambda: now[0],
+                            journal=ReservationJournal(db_target("r.db")))
+
+    async def admit(quota: QuotaService, key: str, rid: str, cost: float = 0.0) -> None:
+        quota.admit(api_key=key, model="m", model_known=True, tokens=100, cost_usd=cost,
+                    request_id=rid)
+        await quota.persist_admissions()
+
+    async def settle(quota: QuotaService, key_id: str, rid: str) -> None:
+        await quota.settle(UsageRow(request_id=rid, tenant_id="t", key_id=key_id,
+                                    route="/v1/chat/completions", status=200,
+                                    tokens_in=50, tokens_out=50, cost_usd=0.1))
+        await quota.persist_releases()
+
+    async def before_the_crash(quota: QuotaService, rpm: dict, budget: dict) -> None:
+        for index in range(4):
+            await admit(quota, rpm["key"], f"r{index}")
+        await settle(quota, rpm["key_id"], "r0")
+        await admit(quota, budget["key"], "b0", cost=0.3)
+        await admit(quota, budget["key"], "b1", cost=0.3)
+
+    first = service()
+    rpm = first.create_key("t", rpm=5, tpm=10_000)
+    budget = first.create_key("t", budget_usd=1.0)
+    asyncio.run(before_the_crash(first, rpm, budget))
+    now[0] += 2
+
+    second = service()  # same stores, nothing in memory but what it restored
+    assert second.restored == 5  # r1, r2, r3, b0, b1: r0 settled before the crash
+    status = second.budget_status(budget["key_id"])
+    assert status["reserved_usd"] == pytest.approx(0.6)
+
+    async def after_the_restart() -> None:
+        await admit(second, rpm["key"], "r4")  # r0 (ledger) + r1..r3 (journal) + r4 = 5
+        with pytest.raises(ApiError) as refused:
+            await admit(second, rpm["key"], "r5")
+        assert refused.value.code == "rate_limit_rpm"
+        with pytest.raises(ApiError) as over:
+            await admit(second, budget["key"], "b2", cost=0.5)  # 0.6 held + 0.5 > 1.0
+        assert over.value.code == "budget_exceeded"
+        await settle(second, rpm["key_id"], "r1")  # settles its restored reservation
+        await settle(second, budget["key_id"], "b0")
+
+    asyncio.run(after_the_restart())
+    assert second.budget_status(budget["key_id"])["reserved_usd"] == pytest.approx(0.3)
+    now[0] += 901  # past the reservation TTL: what never settled is not restored again
+    assert service().restored == 0

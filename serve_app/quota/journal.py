@@ -1,0 +1,97 @@
+"""The reservation journal: what a Quota shard has admitted and not yet settled.
+
+Limit state lives in the shard's memory; the ledger holds what settled. Without a record of
+the requests in between, a shard restarted mid-load would forget them until they settle
+and could admit past a limit. So every admission is written here before its answer
+leaves the shard, and a restarted shard restores the journal's live entries (not expired,
+no ledger row yet) as reservations: windows, TPM and budget holds stay exact.
+
+The journal must survive the shard's process, not the machine: SQLite writes its own file
+(reservations.db) with synchronous=NORMAL (a commit reaches the OS, no fsync: a killed
+process loses nothing), so an admission never waits on the ledger's fsync; PostgreSQL
+commits with synchronous_commit off. Releases (after settlement, expiry) are batched and
+may lag or be lost: an entry whose request has a ledger row is ignored at restart.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from serve_app.database import Dialects, Target, migrate, open_database
+
+COMPONENT = "reservations"
+MIGRATIONS = [
+    [
+        """CREATE TABLE reservations (
+            request_id TEXT PRIMARY KEY,
+            key_id TEXT NOT NULL,
+            at DOUBLE PRECISION NOT NULL,
+            tokens BIGINT NOT NULL,
+            cost_usd DOUBLE PRECISION NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX reservations_expiry ON reservations(expires_at)",
+    ],
+]
+
+_UPSERT = ("INSERT INTO reservations (request_id, key_id, at, tokens, cost_usd, expires_at) "
+           "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO UPDATE SET "
+           "tokens = excluded.tokens, cost_usd = excluded.cost_usd")
+_NO_FSYNC = Dialects(sqlite="SELECT 1", postgresql="SET LOCAL synchronous_commit TO OFF")
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    request_id: str
+    key_id: str
+    at: float
+    tokens: int
+    cost_usd: float
+    expires_at: float
+
+    def values(self) -> tuple[Any, ...]:
+        return (self.request_id, self.key_id, self.at, self.tokens, self.cost_usd,
+                self.expires_at)
+
+
+class ReservationJournal:
+    def __init__(self, target: Target) -> None:
+        """`target`: its own SQLite file (reservations.db), or the shared PostgreSQL URL."""
+        self.db, self._owns_db = open_database(target, name=COMPONENT, synchronous="NORMAL")
+        migrate(self.db, COMPONENT, MIGRATIONS)
+        self.writes = 0
+
+    def record(self, entries: list[JournalEntry]) -> None:
+        """Admitted (or extended) reservations, in one transaction."""
+        if not entries:
+            return
+        values = [entry.values() for entry in entries]
+
+        def write(tx: Any) -> None:
+            tx.execute(_NO_FSYNC)
+            tx.executemany(_UPSERT, values)
+        self.db.run(write, idempotent=True)
+        self.writes += 1
+
+    def release(self, request_ids: list[str]) -> None:
+        if not request_ids:
+            return
+        marks = ", ".join("?" for _ in request_ids)
+
+        def delete(tx: Any) -> None:
+            tx.execute(_NO_FSYNC)
+            tx.execute(f"DELETE FROM reservations WHERE request_id IN ({marks})",
+                       tuple(request_ids))
+        self.db.run(delete, idempotent=True)
+
+    def live(self, now: float) -> list[JournalEntry]:
+        """Entries not yet expired, oldest first (the caller drops settled ones)."""
+        self.db.write("DELETE FROM reservations WHERE expires_at <= ?", (now,), idempotent=True)
+        rows = self.db.fetchall("SELECT request_id, key_id, at, tokens, cost_usd, expires_at "
+                                "FROM reservations ORDER BY at")
+        return [JournalEntry(r["request_id"], r["key_id"], float(r["at"]), int(r["tokens"]),
+                             float(r["cost_usd"]), float(r["expires_at"])) for r in rows]
+
+    def close(self) -> None:
+        if self._owns_db:
+            self.db.close()
