@@ -298,6 +298,12 @@ def test_backend_selection_by_one_environment_variable(monkeypatch, tmp_path):
     custom = StackAppSettings.model_validate({"data_dir": str(tmp_path),
                                               "database": {"url_env": "MY_DB"}})
     assert custom.database.target(tmp_path / "usage.db") == "postgresql://app:pw@db/llm"
+    required = StackAppSettings.model_validate({"database": {"url_env": "MY_DB",
+                                                              "require_url": True}})
+    assert required.database.url() == "postgresql://app:pw@db/llm"
+    monkeypatch.delenv("MY_DB")
+    with pytest.raises(ValueError, match="MY_DB is not set"):
+        required.database.url()
     with pytest.raises(ValueError):
         StackAppSettings.model_validate({"database": {"url": "postgresql://x"}})
     with pytest.raises(ValueError):
