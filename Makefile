@@ -21,7 +21,13 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export RAY_AUTH_MODE ?= token
 export RAY_AUTH_TOKEN_PATH ?= $(abspath $(DATA_DIR))/secrets/ray_auth_token
 
-.PHONY: setup models train-router run test test-unit bench lint clean
+# The store tests run on SQLite and on a throwaway PostgreSQL server they start themselves
+# (tests/support/postgres.py) from Debian's postgresql package: installed once if missing.
+# A cluster the package starts on its own is not used (and left alone).
+PG_SERVER_GLOB := /usr/lib/postgresql/*/bin/postgres
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+.PHONY: setup models train-router run test test-unit bench lint clean postgres-server
 
 setup: $(STAMP)
 
@@ -55,10 +61,17 @@ train-router: setup
 run: models
 	$(PY) -m deployments.launch $(CONFIG)
 
-test: models
+postgres-server:
+	@if ! ls $(PG_SERVER_GLOB) >/dev/null 2>&1; then \
+		echo "installing Debian's postgresql (the tests start throwaway servers from it)"; \
+		$(SUDO) apt-get update && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; \
+	fi
+
+test: models postgres-server
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
-test-unit: setup
+test-unit: setup postgres-server
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit
 
 bench: models

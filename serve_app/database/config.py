@@ -20,11 +20,17 @@ class DatabaseSettings(BaseModel):
         "database (several Quota shards / AgentRunner replicas share it). Unset or empty: "
         "each uses its SQLite file under data_dir (accounts.db, usage.db, "
         "agent/sessions.sqlite3, agent/audit.sqlite3).")
+    require_url: bool = Field(
+        False, description="Refuse to start when the variable is unset (clusters: replicas "
+        "on several nodes must share PostgreSQL, never open SQLite files of their own).")
 
     def url(self) -> str | None:
         """The PostgreSQL URL from the environment, or None (SQLite)."""
         value = os.environ.get(self.url_env, "").strip()
         if not value:
+            if self.require_url:
+                raise ValueError(f"${self.url_env} is not set: this deployment stores its "
+                                 "data in PostgreSQL (database.require_url)")
             return None
         if not is_postgres_url(value):
             # Never echo the value: it may be a password pasted into the wrong variable.

@@ -1,9 +1,11 @@
 """The usage ledger: one row per request, committed durably before the response.
 
 Concurrent appends are group-committed: rows that arrive while a commit is running wait
-for the next one, so each commit (an fsync with synchronous=FULL) covers many requests.
-`append` returns only after the row's transaction has committed. Inserts are idempotent
-by request id, so a retried settlement never double-counts.
+for the next one, so each commit (an fsync: SQLite with synchronous=FULL, PostgreSQL's
+WAL flush) covers many requests. `append` returns only after the row's transaction has
+committed. Inserts are idempotent by request id (ON CONFLICT DO NOTHING), so a retried
+settlement never double-counts, and a batch whose PostgreSQL connection died mid-commit is
+written again on a new connection.
 """
 from __future__ import annotations
 
