@@ -141,13 +141,27 @@ def _dict_row_sqlite(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> dict[str, 
     return {column[0]: value for column, value in zip(cursor.description, row)}
 
 
+def _sqlite_wal(connection: sqlite3.Connection) -> None:
+    """Switch a file to WAL. Two processes opening a brand-new file at once can get
+    SQLITE_BUSY here at once (a lock upgrade SQLite's busy handler does not wait for):
+    try again for a few seconds."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class _ConnectionLost(Exception):
     """Internal: the PostgreSQL connection died under a statement."""
 
-    def __init__(self, error: Exception, before_begin: bool) -> None:
+    def __init__(self, error: Exception) -> None:
         super().__init__(str(error))
         self.error = error
-        self.before_begin = before_begin
 
 
 class Transaction:
@@ -251,7 +265,7 @@ class Database:
             connection = sqlite3.connect(str(self.path), timeout=30, isolation_level=None,
                                          check_same_thread=False)
             connection.row_factory = _dict_row_sqlite
-            connection.execute("PRAGMA journal_mode=WAL")
+            _sqlite_wal(connection)
             # FULL: a commit survives power loss; NORMAL survives a process crash.
             connection.execute(f"PRAGMA synchronous={self._synchronous}")
             connection.execute("PRAGMA foreign_keys=ON")
@@ -313,7 +327,7 @@ class Database:
             cursor = conn.execute(self.sql(sql), params)
         except Exception as error:
             if self._lost(error):
-                raise _ConnectionLost(error, before_begin=False) from error
+                raise _ConnectionLost(error) from error
             raise
         rows = cursor.fetchall() if cursor.description else []
         return Result(cursor.rowcount, rows)
@@ -328,7 +342,7 @@ class Database:
                 cursor.executemany(self.sql(sql), seq_of_params)
         except Exception as error:
             if self._lost(error):
-                raise _ConnectionLost(error, before_begin=False) from error
+                raise _ConnectionLost(error) from error
             raise
         return cursor.rowcount
 
@@ -351,7 +365,11 @@ class Database:
                 return self._execute(sql, params).rows
             except _ConnectionLost:
                 self._reconnect()
+            try:
                 return self._execute(sql, params).rows
+            except _ConnectionLost as lost:  # twice in a row: give up, say why
+                self._conn_dead()
+                raise lost.error from None
 
     def fetchone(self, sql: SQL, params: Params = ()) -> dict[str, Any] | None:
         rows = self.fetchall(sql, params)
@@ -371,10 +389,15 @@ class Database:
         statement = "BEGIN IMMEDIATE" if self.dialect == "sqlite" else "BEGIN"
         try:
             self._execute(statement, ())
+            return
         except _ConnectionLost:
             # Nothing of this transaction reached the server: a fresh connection is safe.
             self._reconnect()
+        try:
             self._execute(statement, ())
+        except _ConnectionLost as lost:
+            self._conn_dead()
+            raise lost.error from None
 
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:

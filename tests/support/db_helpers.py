@@ -24,7 +24,9 @@ def run_writers(kind: str, target: Path | str, tmp_path: Path, names: list[str],
         deadline = time.monotonic() + timeout_s
         while not all(Path(f"{go}.ready-{name}").exists() for name in names):
             assert time.monotonic() < deadline, "the writers did not start"
-            assert all(p.poll() is None for p in processes), processes[0].communicate()[1]
+            for process in processes:
+                if process.poll() is not None:  # died before it was ready: say why
+                    raise AssertionError(process.communicate()[1][-3000:])
             time.sleep(0.01)
         go.touch()
         for process in processes:
