@@ -61,28 +61,27 @@ class ReservationJournal:
         migrate(self.db, COMPONENT, MIGRATIONS)
         self.writes = 0
 
-    def record(self, entries: list[JournalEntry]) -> None:
-        """Admitted (or extended) reservations, in one transaction."""
-        if not entries:
+    def record(self, entries: list[JournalEntry], released: list[str] = ()) -> None:
+        """Admitted (or extended) reservations, and the ids of settled ones to drop, in
+        one transaction."""
+        if not entries and not released:
             return
         values = [entry.values() for entry in entries]
+        gone = list(released)
 
         def write(tx: Any) -> None:
             tx.execute(_NO_FSYNC)
-            tx.executemany(_UPSERT, values)
+            if values:
+                tx.executemany(_UPSERT, values)
+            for start in range(0, len(gone), 500):
+                chunk = gone[start:start + 500]
+                tx.execute("DELETE FROM reservations WHERE request_id IN "
+                           f"({', '.join('?' for _ in chunk)})", tuple(chunk))
         self.db.run(write, idempotent=True)
         self.writes += 1
 
     def release(self, request_ids: list[str]) -> None:
-        if not request_ids:
-            return
-        marks = ", ".join("?" for _ in request_ids)
-
-        def delete(tx: Any) -> None:
-            tx.execute(_NO_FSYNC)
-            tx.execute(f"DELETE FROM reservations WHERE request_id IN ({marks})",
-                       tuple(request_ids))
-        self.db.run(delete, idempotent=True)
+        self.record([], request_ids)
 
     def live(self, now: float) -> list[JournalEntry]:
         """Entries not yet expired, oldest first (the caller drops settled ones)."""

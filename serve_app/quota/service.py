@@ -94,6 +94,7 @@ class QuotaService:
         self._unjournaled: dict[str, JournalEntry] = {}  # admitted, not yet recorded
         self._journal_lock = asyncio.Lock()
         self._released: list[str] = []  # settled or expired, still in the journal
+        self._released_at = time.monotonic()
         self.restored = 0
         if journal is not None:
             self._restore(journal.live(clock()), owns)
@@ -208,34 +209,37 @@ class QuotaService:
             self._released.append(request_id)
 
     async def persist_admissions(self) -> None:
-        """Record the admissions made so far before their answers leave the shard. A
-        caller whose entries an earlier holder of the lock took finds them recorded. A
-        failing journal (database away) is logged and retried with the next admissions:
-        it only weakens exactness across a restart during that outage."""
+        """Record the admissions made so far before their answers leave the shard (with
+        the releases due, in the same write). A caller whose entries an earlier holder of
+        the lock took finds them recorded. A failing journal (database away) is logged
+        and retried with the next admissions: it only weakens exactness across a restart
+        during that outage."""
         if self.journal is None or not self._unjournaled:
             return
         async with self._journal_lock:
             entries, self._unjournaled = self._unjournaled, {}
             if not entries:
                 return
+            released, self._released = self._released, []
             try:
-                await asyncio.to_thread(self.journal.record, list(entries.values()))
+                await asyncio.to_thread(self.journal.record, list(entries.values()), released)
             except Exception:
                 logger.warning("reservation journal unavailable; admissions are not "
                                "recorded until it is back", exc_info=True)
                 self._unjournaled = {**entries, **self._unjournaled}
+                self._released = released + self._released
                 return
-            if self._released:  # settled meanwhile: drop their entries in the same breath
-                released, self._released = self._released, []
-                try:
-                    await asyncio.to_thread(self.journal.release, released)
-                except Exception:
-                    self._released = released + self._released
+            self._released_at = time.monotonic()
+
+    # Settled entries are dropped lazily, with the next admissions or in batches: a stale
+    # entry costs nothing (restart ignores entries that have a ledger row).
+    RELEASE_BATCH = 256
+    RELEASE_EVERY_S = 2.0
 
     async def persist_releases(self) -> None:
-        """Drop settled entries from the journal (lazily: a stale entry whose request has
-        a ledger row is ignored at restart)."""
-        if self.journal is None or not self._released or self._journal_lock.locked():
+        if (self.journal is None or not self._released or self._journal_lock.locked()
+                or (len(self._released) < self.RELEASE_BATCH
+                    and time.monotonic() - self._released_at < self.RELEASE_EVERY_S)):
             return
         async with self._journal_lock:
             released, self._released = self._released, []
@@ -243,6 +247,7 @@ class QuotaService:
                 await asyncio.to_thread(self.journal.release, released)
             except Exception:
                 self._released = released + self._released
+            self._released_at = time.monotonic()
 
     def _restore(self, entries: list[JournalEntry], owns: Callable[[str], bool]) -> None:
         """A restarted shard takes back its unsettled admissions: reservations, window
