@@ -114,12 +114,14 @@ class QuotaClient:
         self.settle_retry_s = settle_retry_s
         self.timeout_s = timeout_s
         # batching off (benchmark baseline): one call per item, as many in flight as asked.
-        size, in_flight = (max_batch, 1) if batching else (1, 1 << 30)
-
-        def batchers(method: str) -> list[Batcher[Any]]:
+        # Admits may have two batches in flight: one stuck behind a key's first database
+        # read (a restarting database) does not hold up keys already in the shard's memory.
+        def batchers(method: str, in_flight: int) -> list[Batcher[Any]]:
+            size, limit = (max_batch, in_flight) if batching else (1, 1 << 30)
             return [Batcher(self._sender(handle, method), max_batch=size,
-                            max_in_flight=in_flight) for handle in self.handles]
-        self._admits, self._settles = batchers("admit_many"), batchers("settle_many")
+                            max_in_flight=limit) for handle in self.handles]
+        self._admits = batchers("admit_many", 2)
+        self._settles = batchers("settle_many", 1)
 
     @property
     def shards(self) -> int:

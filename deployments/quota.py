@@ -15,6 +15,7 @@ from typing import Any
 from ray import serve
 
 from deployments.metrics import QuotaMetrics
+from serve_app.accounts.keys import parse_key_id
 from serve_app.accounts.store import AccountStore
 from serve_app.errors import ApiError, error_boundary
 from serve_app.quota.alerts import WebhookNotifier
@@ -81,6 +82,7 @@ class Quota:
     # ---------------------------------------------------------------- request path
     async def admit(self, api_key: str | None, model: str, model_known: bool, tokens: int,
                     cost_usd: float, request_id: str, key_id: str | None = None) -> Any:
+        await self._load(key_id if key_id is not None else parse_key_id(api_key or ""))
         admission = self.service.admit(  # decided atomically: no await before this returns
             api_key=api_key, model=model, model_known=model_known, tokens=tokens,
             cost_usd=cost_usd, request_id=request_id, key_id=key_id)
@@ -96,7 +98,16 @@ class Quota:
         return self.service.caller(api_key, check_keys)
 
     async def settle(self, row: dict[str, Any]) -> Any:
+        await self._load(row.get("key_id"))
         return await self.service.settle(UsageRow(**row))
+
+    async def _load(self, key_id: str | None) -> None:
+        """A key's first sight reads the database: in a thread, so a slow or restarting
+        database never stalls the requests of keys already in memory."""
+        if self.service.needs_loading(key_id):
+            assert key_id is not None
+            state = await asyncio.to_thread(self.service.read_key_state, key_id)
+            self.service.install_key_state(key_id, state)
 
     def _background(self, work: Any) -> None:
         task = asyncio.ensure_future(work)

@@ -70,6 +70,19 @@ class BudgetBook:
             self.keys[key_id] = state
         return state
 
+    def is_loaded(self, key_id: str, period: str, now: float) -> bool:
+        state = self.keys.get(key_id)
+        return state is not None and state.period_start == period_bounds(period, now)[0]
+
+    def prime(self, key_id: str, period: str, now: float, spent: float) -> None:
+        """Install a spend read elsewhere (off the event loop), unless loaded meanwhile."""
+        if not self.is_loaded(key_id, period, now):
+            start, _ = period_bounds(period, now)
+            state = self.keys.get(key_id)
+            carried = state.reservations if state else {}
+            self.keys[key_id] = _KeyBudget(period_start=start, spent=spent,
+                                           reservations=dict(carried))
+
     def remaining(self, key_id: str, budget: float, period: str, now: float) -> float:
         state = self._state(key_id, period, now)
         return budget - state.spent - state.reserved

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from serve_app.database import Dialects, Target, migrate, open_database
+from serve_app.database import Database, Dialects, Target, migrate
 
 COMPONENT = "reservations"
 MIGRATIONS = [
@@ -55,9 +55,16 @@ class JournalEntry:
 
 
 class ReservationJournal:
-    def __init__(self, target: Target) -> None:
-        """`target`: its own SQLite file (reservations.db), or the shared PostgreSQL URL."""
-        self.db, self._owns_db = open_database(target, name=COMPONENT, synchronous="NORMAL")
+    def __init__(self, target: Target, *, connect_timeout_s: float = 2.0) -> None:
+        """`target`: its own SQLite file (reservations.db), or the shared PostgreSQL URL.
+        A short connect timeout: admissions wait on the journal, and while its database
+        is away they go on unrecorded rather than wait (see QuotaService)."""
+        if isinstance(target, Database):
+            self.db, self._owns_db = target, False
+        else:
+            self.db = Database(target, name=COMPONENT, synchronous="NORMAL",
+                               connect_timeout_s=connect_timeout_s)
+            self._owns_db = True
         migrate(self.db, COMPONENT, MIGRATIONS)
         self.writes = 0
 

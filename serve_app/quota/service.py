@@ -95,6 +95,7 @@ class QuotaService:
         self._journal_lock = asyncio.Lock()
         self._released: list[str] = []  # settled or expired, still in the journal
         self._released_at = time.monotonic()
+        self._journal_down_until = 0.0
         self.restored = 0
         if journal is not None:
             self._restore(journal.live(clock()), owns)
@@ -214,7 +215,8 @@ class QuotaService:
         the lock took finds them recorded. A failing journal (database away) is logged
         and retried with the next admissions: it only weakens exactness across a restart
         during that outage."""
-        if self.journal is None or not self._unjournaled:
+        if (self.journal is None or not self._unjournaled
+                or time.monotonic() < self._journal_down_until):
             return
         async with self._journal_lock:
             entries, self._unjournaled = self._unjournaled, {}
@@ -224,12 +226,18 @@ class QuotaService:
             try:
                 await asyncio.to_thread(self.journal.record, list(entries.values()), released)
             except Exception:
-                logger.warning("reservation journal unavailable; admissions are not "
-                               "recorded until it is back", exc_info=True)
+                # Admissions go on unrecorded for a while instead of each waiting for the
+                # database; what queued is written once it is back.
+                self._journal_down_until = time.monotonic() + self.JOURNAL_RETRY_S
+                logger.warning("reservation journal unavailable; admissions go on "
+                               "unrecorded, retrying in %.0f s", self.JOURNAL_RETRY_S,
+                               exc_info=True)
                 self._unjournaled = {**entries, **self._unjournaled}
                 self._released = released + self._released
                 return
             self._released_at = time.monotonic()
+
+    JOURNAL_RETRY_S = 5.0
 
     # Settled entries are dropped lazily, with the next admissions or in batches: a stale
     # entry costs nothing (restart ignores entries that have a ledger row).
@@ -238,6 +246,7 @@ class QuotaService:
 
     async def persist_releases(self) -> None:
         if (self.journal is None or not self._released or self._journal_lock.locked()
+                or time.monotonic() < self._journal_down_until
                 or (len(self._released) < self.RELEASE_BATCH
                     and time.monotonic() - self._released_at < self.RELEASE_EVERY_S)):
             return
@@ -283,6 +292,48 @@ class QuotaService:
         # Expiry pops from the front: keep the reservations in expiry order.
         self.reservations = dict(sorted(self.reservations.items(),
                                         key=lambda item: item[1]["expires_at"]))
+
+    # ------------------------------------------------------------------ warming up
+    def needs_loading(self, key_id: str | None) -> bool:
+        """Whether admitting or settling for this key would read the database: first
+        sight of the key since start-up, or a budget period not loaded yet."""
+        if key_id is None:
+            return False
+        record = self.accounts.keys.get(key_id)
+        if record is None or key_id not in self.limiters:
+            return True
+        return record.budget_usd is not None and not self.budgets.is_loaded(
+            key_id, record.budget_period, self.clock())
+
+    def read_key_state(self, key_id: str) -> dict[str, Any]:
+        """The database reads a key's first admission needs. Thread-safe and side-effect
+        free for the limit state: run it off the event loop (`asyncio.to_thread`), then
+        hand the result to `install_key_state` on the loop."""
+        now = self.clock()
+        record = self.accounts.get(key_id)
+        if record is None:
+            return {"now": now, "record": None}
+        state: dict[str, Any] = {"now": now, "record": record}
+        if key_id not in self.limiters:
+            state["recent"] = self.ledger.recent_usage(key_id, now - self.policy.window_s)
+        if record.budget_usd is not None:
+            start, _ = period_bounds(record.budget_period, now)
+            state["spent"] = self.ledger.spent_since(key_id, start)
+        return state
+
+    def install_key_state(self, key_id: str, state: dict[str, Any]) -> None:
+        """On the loop: what `read_key_state` found, unless something was loaded
+        meanwhile (state already in memory always wins)."""
+        record, now = state["record"], state["now"]
+        if record is None:
+            return
+        if "recent" in state and key_id not in self.limiters:
+            limiter = KeyLimiter(self.policy.window_s)
+            for at, tokens in state["recent"]:
+                limiter.add(at, tokens, None)
+            self.limiters[key_id] = limiter
+        if "spent" in state:
+            self.budgets.prime(key_id, record.budget_period, now, state["spent"])
 
     def _limiter(self, key_id: str, now: float) -> KeyLimiter:
         """The key's windows; on first sight since start-up, rebuilt from the ledger rows
@@ -366,17 +417,18 @@ class QuotaService:
                                                 row.request_id, row.cost_usd)
             remaining = self.budgets.remaining(record.key_id, record.budget_usd,
                                                record.budget_period, now)
-            self._maybe_alert(record, before, after, now)
+            await self._maybe_alert(record, before, after, now)
         self.events.settled(row, remaining)
         return {"recorded": True, "remaining_budget": remaining}
 
-    def _maybe_alert(self, record: ApiKeyRecord, before: float, after: float,
-                     now: float) -> None:
+    async def _maybe_alert(self, record: ApiKeyRecord, before: float, after: float,
+                           now: float) -> None:
         assert record.budget_usd is not None
         period_start, _ = period_bounds(record.budget_period, now)
         for threshold in crossed_thresholds(before, after, record.budget_usd,
                                             self.policy.alert_thresholds):
-            if not self.ledger.mark_alert(record.key_id, period_start, threshold):
+            if not await asyncio.to_thread(self.ledger.mark_alert, record.key_id,
+                                           period_start, threshold):
                 continue  # fired before in this period (e.g. before a restart)
             payload = {"type": "budget_alert", "tenant_id": record.tenant_id,
                        "key_id": record.key_id, "threshold": threshold,

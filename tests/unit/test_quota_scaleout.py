@@ -408,3 +408,84 @@ def test_admissions_in_flight_when_a_shard_dies_are_restored_from_the_journal(
     assert second.budget_status(budget["key_id"])["reserved_usd"] == pytest.approx(0.3)
     now[0] += 901  # past the reservation TTL: what never settled is not restored again
     assert service().restored == 0
+
+
+def test_a_slow_database_never_stalls_requests_of_keys_already_in_memory(shards) -> None:
+    """A key's first sight reads the database in a thread: while that read hangs (a
+    PostgreSQL restart), keys already in memory are admitted and settled at once."""
+    import threading
+    import time as clock
+
+    clients = _clients(shards, 1)
+    made = _create(clients[0], 12, rpm=100, budget_usd=5.0)
+    cold_id, cold = made[0]
+    # A warm key on the same shard: its admits share the client's batches with the cold one.
+    warm_id, warm = next(k for k in made[1:] if shard_of(k[0], 2) == shard_of(cold_id, 2))
+    owner = shards[shard_of(cold_id, 2)].shell
+    released = threading.Event()
+    ledger = owner.service.ledger
+    original = ledger.recent_usage
+
+    def hanging(key_id: str, since: float):
+        if key_id == cold_id:
+            released.wait(10)
+        return original(key_id, since)
+
+    async def main() -> None:
+        client = _clients(shards, 1)[0]
+        await _burst([client], [warm], 1)  # the warm key is in memory now
+        ledger.recent_usage = hanging
+        try:
+            cold_admit = asyncio.ensure_future(_burst([client], [cold], 1))
+            await asyncio.sleep(0.1)
+            started = clock.perf_counter()
+            for _ in range(3):  # admissions only: settling waits for the database anyway
+                await client.admit(api_key=warm, model="m", model_known=True, tokens=10,
+                                   cost_usd=0.0, request_id=uuid.uuid4().hex)
+            waited = clock.perf_counter() - started
+            assert not cold_admit.done()  # still reading the database
+            assert waited < 5  # far below the hang: the loop was free
+        finally:
+            released.set()
+            ledger.recent_usage = original
+        assert await cold_admit == {cold: 1}
+
+    asyncio.run(main())
+
+
+def test_admissions_go_on_while_the_journal_is_down_and_are_recorded_after(tmp_path) -> None:
+    from serve_app.accounts.store import AccountStore
+    from serve_app.quota.journal import ReservationJournal
+    from serve_app.quota.ledger import UsageLedger
+    from serve_app.quota.service import QuotaPolicy, QuotaService
+
+    class FlakyJournal(ReservationJournal):
+        down = True
+        attempts = 0
+
+        def record(self, entries, released=()):
+            self.attempts += 1
+            if self.down:
+                raise ConnectionError("database away")
+            super().record(entries, released)
+
+    journal = FlakyJournal(tmp_path / "r.db")
+    quota = QuotaService(AccountStore(tmp_path / "a.db", b"p"), UsageLedger(tmp_path / "u.db"),
+                         QuotaPolicy(), "admin", journal=journal)
+    key = quota.create_key("t", rpm=100)["key"]
+
+    async def admit(rid: str) -> None:
+        quota.admit(api_key=key, model="m", model_known=True, tokens=1, cost_usd=0.0,
+                    request_id=rid)
+        await quota.persist_admissions()
+
+    async def main() -> None:
+        await admit("a")
+        await admit("b")  # within the retry pause: not even tried
+        assert journal.attempts == 1
+        journal.down = False
+        quota._journal_down_until = 0.0  # the pause is over
+        await admit("c")
+
+    asyncio.run(main())
+    assert {e.request_id for e in journal.live(0.0)} == {"a", "b", "c"}
