@@ -21,6 +21,8 @@ QUICK: dict[str, list[str]] = {
     "cache_calibration": [],
     "cache_store_latency": ["--sizes", "5000", "--lookups", "50"],
     "router_benchmark": [],
+    "router_loso": ["--max-per-source", "60", "--bootstrap", "50",
+                    "--result-name", "router_loso_quick"],
     "rag_cranfield": ["--smoke", "--result-name", "rag_cranfield_quick"],
     "gateway_overhead": ["--rounds", "3", "--max-tokens", "16"],
     "quota_overhead": ["--rounds", "10"],
