@@ -297,7 +297,7 @@ class QuotaService:
     def needs_loading(self, key_id: str | None) -> bool:
         """Whether admitting or settling for this key would read the database: first
         sight of the key since start-up, or a budget period not loaded yet."""
-        if key_id is None:
+        if key_id is None or key_id == ANONYMOUS:
             return False
         record = self.accounts.keys.get(key_id)
         if record is None or key_id not in self.limiters:

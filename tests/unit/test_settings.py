@@ -67,3 +67,26 @@ def test_config_overrides_name_the_quota_shards_the_app_builds(config):
     built = {shard._bound_deployment.name for shard in quota_shards(settings)}
     overridden = {d["name"] for d in stack["deployments"] if d["name"].startswith("Quota")}
     assert overridden == built and len(built) == settings.quota.shards
+
+
+def test_the_local_config_fits_a_two_core_laptop_at_its_maximum_scale():
+    """`serve run configs/local.yaml` starts Ray with the machine's CPUs; a replica whose
+    ask does not fit waits forever without an error (seen with LocalLLM at 1 CPU)."""
+    from deployments.app import quota_shard_names
+
+    loaded = load_config(PROJECT_ROOT / "configs/local.yaml")
+    total = 0.0
+    for app in loaded["applications"]:
+        names = {d["name"] for d in app.get("deployments", [])}
+        for entry in app["deployments"]:
+            replicas = (entry.get("autoscaling_config") or {}).get(
+                "max_replicas", entry.get("num_replicas", 1))
+            total += replicas * entry.get("ray_actor_options", {}).get("num_cpus", 1)
+        if app["name"] == "stack":
+            # Every deployment the app builds has an entry (no default 1-CPU ask hides).
+            shards = StackAppSettings.model_validate(app["args"]).quota.shards
+            assert names >= {"Gateway", "SemanticCache", "Retriever", "ComplexityClassifier",
+                             "AgentRunner", *quota_shard_names(shards)}
+        else:
+            assert names == {"ModelsRoot", "LocalLLM", "Embedder"}
+    assert total <= 2.0, total
