@@ -74,7 +74,7 @@ test: models postgres-server
 test-unit: setup postgres-server
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit
 
-bench: models
+bench: models postgres-server
 	$(PY) -m benchmarks.run_all
 
 lint: setup
