@@ -63,11 +63,16 @@ class BudgetBook:
         state = self.keys.get(key_id)
         if state is None or state.period_start != start:
             # New period (or first sight since start-up): spend comes from the ledger,
-            # never from a stale in-memory copy. Reservations in flight carry over.
-            carried = state.reservations if state else {}
-            state = _KeyBudget(period_start=start, spent=self.load_spent(key_id, start),
-                               reservations=dict(carried))
-            self.keys[key_id] = state
+            # never from a stale in-memory copy.
+            state = self._install(key_id, start, self.load_spent(key_id, start))
+        return state
+
+    def _install(self, key_id: str, period_start: float, spent: float) -> _KeyBudget:
+        """A period's state; reservations in flight carry over from the previous one."""
+        previous = self.keys.get(key_id)
+        state = _KeyBudget(period_start=period_start, spent=spent,
+                           reservations=dict(previous.reservations) if previous else {})
+        self.keys[key_id] = state
         return state
 
     def is_loaded(self, key_id: str, period: str, now: float) -> bool:
@@ -77,11 +82,7 @@ class BudgetBook:
     def prime(self, key_id: str, period: str, now: float, spent: float) -> None:
         """Install a spend read elsewhere (off the event loop), unless loaded meanwhile."""
         if not self.is_loaded(key_id, period, now):
-            start, _ = period_bounds(period, now)
-            state = self.keys.get(key_id)
-            carried = state.reservations if state else {}
-            self.keys[key_id] = _KeyBudget(period_start=start, spent=spent,
-                                           reservations=dict(carried))
+            self._install(key_id, period_bounds(period, now)[0], spent)
 
     def remaining(self, key_id: str, budget: float, period: str, now: float) -> float:
         state = self._state(key_id, period, now)

@@ -18,7 +18,7 @@ import hmac
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -277,10 +277,7 @@ class QuotaService:
             events = [(at, tokens, None) for at, tokens in
                       self.ledger.recent_usage(key_id, now - self.policy.window_s)]
             events += [(e.at, e.tokens, e.request_id) for e in pending]
-            limiter = KeyLimiter(self.policy.window_s)
-            for at, tokens, token in sorted(events, key=lambda event: event[0]):
-                limiter.add(at, tokens, token)
-            self.limiters[key_id] = limiter
+            self.limiters[key_id] = self._windows(sorted(events, key=lambda event: event[0]))
             for entry in pending:
                 self.reservations[entry.request_id] = {
                     "id": entry.request_id, "key_id": key_id, "tokens": entry.tokens,
@@ -318,7 +315,7 @@ class QuotaService:
             state["recent"] = self.ledger.recent_usage(key_id, now - self.policy.window_s)
         if record.budget_usd is not None:
             start, _ = period_bounds(record.budget_period, now)
-            state["spent"] = self.ledger.spent_since(key_id, start)
+            state["spent"] = self.budgets.load_spent(key_id, start)
         return state
 
     def install_key_state(self, key_id: str, state: dict[str, Any]) -> None:
@@ -328,10 +325,8 @@ class QuotaService:
         if record is None:
             return
         if "recent" in state and key_id not in self.limiters:
-            limiter = KeyLimiter(self.policy.window_s)
-            for at, tokens in state["recent"]:
-                limiter.add(at, tokens, None)
-            self.limiters[key_id] = limiter
+            self.limiters[key_id] = self._windows(
+                (at, tokens, None) for at, tokens in state["recent"])
         if "spent" in state:
             self.budgets.prime(key_id, record.budget_period, now, state["spent"])
 
@@ -340,10 +335,17 @@ class QuotaService:
         of the last window, so a restarted shard does not grant a fresh minute."""
         limiter = self.limiters.get(key_id)
         if limiter is None:
-            limiter = KeyLimiter(self.policy.window_s)
-            for at, tokens in self.ledger.recent_usage(key_id, now - self.policy.window_s):
-                limiter.add(at, tokens, None)
-            self.limiters[key_id] = limiter
+            limiter = self.limiters[key_id] = self._windows(
+                (at, tokens, None) for at, tokens in
+                self.ledger.recent_usage(key_id, now - self.policy.window_s))
+        return limiter
+
+    def _windows(self, events: Iterable[tuple[float, int, str | None]]) -> KeyLimiter:
+        """A key's RPM/TPM windows from past events (time, tokens, request id or None),
+        oldest first."""
+        limiter = KeyLimiter(self.policy.window_s)
+        for at, tokens, token in events:
+            limiter.add(at, tokens, token)
         return limiter
 
     def _budget_exceeded(self, record: ApiKeyRecord, now: float, cost: float) -> ApiError:
