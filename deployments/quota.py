@@ -14,6 +14,7 @@ from typing import Any
 
 from ray import serve
 
+from deployments.handles import BackgroundCalls
 from deployments.metrics import QuotaMetrics
 from serve_app.accounts.keys import parse_key_id
 from serve_app.accounts.store import AccountStore
@@ -59,7 +60,7 @@ class Quota:
         pepper = env_or_generated(quota.key_pepper_env, data_dir, "pepper").encode()
         admin_key = env_or_generated(quota.admin_key_env, data_dir, "admin.key")
         shards = quota.shards
-        self._tasks: set[asyncio.Future[Any]] = set()
+        self._background = BackgroundCalls()  # journal releases after settlements
         self.service = QuotaService(
             AccountStore(parsed.database.target(data_dir / "accounts.db"), pepper),
             UsageLedger(parsed.database.target(data_dir / "usage.db")),
@@ -109,11 +110,6 @@ class Quota:
             state = await asyncio.to_thread(self.service.read_key_state, key_id)
             self.service.install_key_state(key_id, state)
 
-    def _background(self, work: Any) -> None:
-        task = asyncio.ensure_future(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     # A Gateway replica sends what queued up while its previous call was in flight as one
     # batch (serve_app.quota.batching): one handle round trip for many requests. Each
     # item goes through the decorated single method, so it gets its own outcome.
@@ -125,7 +121,7 @@ class Quota:
     async def settle_many(self, rows: list[dict[str, Any]]) -> list[Any]:
         # Concurrently, so the ledger commits the whole batch in one transaction.
         outcomes = list(await asyncio.gather(*(self.settle(row) for row in rows)))
-        self._background(self.service.persist_releases())
+        self._background.submit("journal release", self.service.persist_releases())
         return outcomes
 
     # ---------------------------------------------------------------- admin
