@@ -176,8 +176,16 @@ def test_job_submission_without_token_is_refused(head: Head, headers: dict[str, 
 def test_job_submission_with_token_runs(head: Head) -> None:
     marker = head.temp_dir / "ran-with-token"
     auth = {"authorization": f"Bearer {head.token}"}
-    response = httpx.post(f"{head.dashboard}/api/jobs/", json=job_body(marker),
-                          headers=auth, timeout=60)
+    # The dashboard answers before its job agent has registered ("No available agent to
+    # submit job, please try again later", a 500): wait for the agent, not for a status.
+    agent_deadline = time.monotonic() + 60
+    while True:
+        response = httpx.post(f"{head.dashboard}/api/jobs/", json=job_body(marker),
+                              headers=auth, timeout=60)
+        if ("No available agent" not in response.text
+                or time.monotonic() > agent_deadline):
+            break
+        time.sleep(1)
     assert response.status_code == 200, response.text
     submission_id = response.json()["submission_id"]
     deadline = time.monotonic() + 90
