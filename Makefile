@@ -27,7 +27,7 @@ export RAY_AUTH_TOKEN_PATH ?= $(abspath $(DATA_DIR))/secrets/ray_auth_token
 PG_SERVER_GLOB := /usr/lib/postgresql/*/bin/postgres
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup models train-router run test test-unit bench lint clean postgres-server
+.PHONY: setup models train-router run cluster-up test test-unit bench bench-load lint clean postgres-server
 
 setup: $(STAMP)
 
@@ -60,6 +60,12 @@ train-router: setup
 
 run: models
 	$(PY) -m deployments.launch $(CONFIG)
+
+# A real multi-node Ray cluster on this machine (head + worker raylets shaped like
+# cluster.yaml, node autoscaling by Ray's fake multi-node provider) serving
+# configs/cluster-local.yaml; Ctrl-C stops every node. See README "Cluster".
+cluster-up: models
+	$(PY) -m deployments.multinode up configs/cluster-local.yaml
 
 postgres-server:
 	@if ! ls $(PG_SERVER_GLOB) >/dev/null 2>&1; then \

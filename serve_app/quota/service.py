@@ -130,7 +130,8 @@ class QuotaService:
         """Authenticate, authorise the model and reserve RPM, `tokens` of TPM and `cost_usd`
         of budget, atomically. `tokens` and `cost_usd` are the request's worst case (the
         caller counts what is really sent and caps the output). `request_id` is the
-        server's id for this request (never a client's); a duplicate is refused.
+        server's id for this request (never a client's): the same admission sent again
+        gets the reservation it holds, anything else under a held id is refused (409).
         Returns {"principal", "reservation"}; raises ApiError (401/403/404/429)."""
         record = self.authenticate(api_key, key_id)
         if not model_known:
@@ -143,10 +144,17 @@ class QuotaService:
                            code="model_not_allowed", param="model")
         now = self.clock()
         self._expire_reservations(now)
-        if request_id in self.reservations:
-            raise ApiError(409, "Duplicate internal request id.", code="duplicate_request")
         tokens = max(0, int(tokens))
         cost_usd = max(0.0, float(cost_usd))
+        held = self.reservations.get(request_id)
+        if held is not None:
+            # The same admission sent again (Serve re-sends a call whose replica died after
+            # it journaled the reservation): the reservation it already holds, counted once.
+            # Ids are the gateway's own, so anything else under a held id is refused.
+            if (held["key_id"], held["tokens"], held["cost"]) == (record.key_id, tokens,
+                                                                  cost_usd):
+                return {"principal": _principal(record), "reservation": held}
+            raise ApiError(409, "Duplicate internal request id.", code="duplicate_request")
         limiter = self._limiter(record.key_id, now)
         blocked = limiter.check(now, record.rpm, record.tpm, tokens)
         if blocked is not None:

@@ -166,13 +166,19 @@ def test_tpm_burst_is_exact_on_the_counted_tokens(quota) -> None:
     assert admitted == 4  # 4 x 700 <= 3000 < 5 x 700
 
 
-def test_duplicate_internal_id_is_refused(quota) -> None:
+def test_a_duplicate_internal_id_is_counted_once_and_never_reused(quota) -> None:
+    """Ids are the gateway's own: the same admission again is a re-sent call (it gets the
+    reservation it holds, counted once); anything else under a held id is refused."""
     service, _ = quota
-    key = service.create_key("t", budget_usd=1.0)["key"]
-    admit(service, key, "same")
-    with pytest.raises(ApiError) as caught:
-        admit(service, key, "same")
-    assert caught.value.status == 409
+    created = service.create_key("t", budget_usd=1.0)
+    other = service.create_key("t", budget_usd=1.0)
+    first = admit(service, created["key"], "same")
+    assert admit(service, created["key"], "same")["reservation"] == first["reservation"]
+    assert service.budget_status(created["key_id"])["reserved_usd"] == pytest.approx(0.01)
+    for key, tokens in ((created["key"], 11), (other["key"], 10)):
+        with pytest.raises(ApiError) as caught:
+            admit(service, key, "same", tokens=tokens)
+        assert caught.value.status == 409
 
 
 def test_extension_is_checked_like_admission(quota) -> None:

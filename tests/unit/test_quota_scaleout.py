@@ -489,3 +489,40 @@ def test_admissions_go_on_while_the_journal_is_down_and_are_recorded_after(tmp_p
 
     asyncio.run(main())
     assert {e.request_id for e in journal.live(0.0)} == {"a", "b", "c"}
+
+
+def test_an_admission_resent_to_the_restarted_shard_gets_its_reservation_once(
+        tmp_path, db_target) -> None:
+    """The multi-node node-kill test caught it: the shard journaled an admission and died
+    before answering, Serve re-sent the call to the restarted shard, which refused its own
+    restored reservation as a duplicate id (409). The retry now gets it, counted once."""
+    from serve_app.accounts.store import AccountStore
+    from serve_app.quota.journal import ReservationJournal
+    from serve_app.quota.ledger import UsageLedger
+    from serve_app.quota.service import QuotaPolicy, QuotaService
+
+    def service() -> QuotaService:
+        return QuotaService(AccountStore(db_target("a.db"), b"p"),
+                            UsageLedger(db_target("u.db")), QuotaPolicy(), "admin",
+                            journal=ReservationJournal(db_target("r.db")))
+
+    async def admit(quota: QuotaService, key: str, rid: str, tokens: int = 100) -> dict:
+        admitted = quota.admit(api_key=key, model="m", model_known=True, tokens=tokens,
+                               cost_usd=0.2, request_id=rid)
+        await quota.persist_admissions()
+        return admitted
+
+    first = service()
+    created = first.create_key("t", rpm=2, budget_usd=1.0)
+    asyncio.run(admit(first, created["key"], "r1"))
+    second = service()  # restarted: r1 restored from the journal
+    again = asyncio.run(admit(second, created["key"], "r1"))
+    assert again["reservation"]["id"] == "r1"
+    assert second.budget_status(created["key_id"])["reserved_usd"] == pytest.approx(0.2)
+    asyncio.run(admit(second, created["key"], "r2"))  # rpm 2: r1 counted once
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(admit(second, created["key"], "r3"))
+    assert refused.value.code == "rate_limit_rpm"
+    with pytest.raises(ApiError) as different:  # a held id with other amounts: refused
+        asyncio.run(admit(second, created["key"], "r1", tokens=999))
+    assert different.value.status == 409

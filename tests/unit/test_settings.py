@@ -53,8 +53,10 @@ def test_shipped_serve_configs_validate(config):
 def test_gpu_config_puts_vllm_on_gpus():
     loaded = load_config(PROJECT_ROOT / "configs/gpu.yaml")
     deployments = {d["name"]: d for d in app_config(loaded, "models")["deployments"]}
-    assert deployments["LocalLLM"]["ray_actor_options"]["num_gpus"] == 1
-    assert 0 < deployments["Embedder"]["ray_actor_options"]["num_gpus"] < 1
+    llm = deployments["LocalLLM"]["ray_actor_options"]["num_gpus"]
+    embedder = deployments["Embedder"]["ray_actor_options"]["num_gpus"]
+    # One vLLM replica per GPU (two never share one), with room for an Embedder beside it.
+    assert 0.5 < llm < 1 and 0 < embedder <= 1 - llm
 
 
 @pytest.mark.parametrize("config", ["configs/local.yaml", "configs/gpu.yaml"])
@@ -90,3 +92,71 @@ def test_the_local_config_fits_a_two_core_laptop_at_its_maximum_scale():
         else:
             assert names == {"ModelsRoot", "LocalLLM", "Embedder"}
     assert total <= 2.0, total
+
+
+def _deployments(config: dict) -> dict[str, dict]:
+    return {entry["name"]: entry for app in config["applications"]
+            for entry in app.get("deployments", [])}
+
+
+def _pool_nodes(node_types: dict[str, dict]) -> dict[str, list[dict]]:
+    pools: dict[str, list[dict]] = {}
+    for spec in node_types.values():
+        pools.setdefault((spec.get("labels") or {}).get("node-pool"), []).append(
+            spec["resources"])
+    return pools
+
+
+def _check_placement(config: dict, node_types: dict[str, dict]) -> None:
+    """Every deployment names a node pool that exists, asks for a GPU exactly when its pool
+    has GPUs, and one replica fits a node of its pool; the GPU pool's deployments share
+    one node (LocalLLM beside an Embedder)."""
+    pools = _pool_nodes(node_types)
+    gpu_asks = {"CPU": 0.0, "GPU": 0.0}
+    for name, entry in _deployments(config).items():
+        options = entry.get("ray_actor_options", {})
+        pool = options.get("label_selector", {}).get("node-pool")
+        assert pool in pools, (name, pool)
+        ask = {"CPU": options.get("num_cpus", 1), "GPU": options.get("num_gpus", 0)}
+        assert (ask["GPU"] > 0) == (pool == "gpu"), name
+        assert any(all(node.get(r, 0) >= ask[r] for r in ask) for node in pools[pool]), name
+        if pool == "gpu":
+            gpu_asks = {r: gpu_asks[r] + ask[r] for r in ask}
+    assert any(all(node.get(r, 0) >= gpu_asks[r] for r in gpu_asks) for node in pools["gpu"])
+
+
+def test_the_gpu_config_places_every_deployment_on_a_node_type_of_cluster_yaml():
+    cluster = load_config(PROJECT_ROOT / "cluster.yaml")
+    _check_placement(load_config(PROJECT_ROOT / "configs/gpu.yaml"),
+                     cluster["available_node_types"])
+
+
+def test_the_local_cluster_config_is_gpu_yaml_with_local_sizes():
+    """configs/cluster-local.yaml (make cluster-up) differs from gpu.yaml only in sizes and
+    paths: the same applications, deployments (up to the number of Quota shards), pools and
+    kinds of resources, and it fits the local node types of deployments/multinode.py."""
+    from deployments.multinode import LOCAL_NODE_SIZES, autoscaler_config
+
+    gpu = load_config(PROJECT_ROOT / "configs/gpu.yaml")
+    local = load_config(PROJECT_ROOT / "configs/cluster-local.yaml")
+    assert [a["name"] for a in gpu["applications"]] == [a["name"] for a in local["applications"]]
+    assert [a["import_path"] for a in gpu["applications"]] == \
+        [a["import_path"] for a in local["applications"]]
+
+    def shape(config: dict) -> dict[str, tuple]:
+        return {("Quota" if name.startswith("Quota") else name):
+                (entry["ray_actor_options"].get("label_selector"),
+                 "num_gpus" in entry["ray_actor_options"], "autoscaling_config" in entry)
+                for name, entry in _deployments(config).items()}
+
+    assert shape(gpu) == shape(local)
+    for config in (gpu, local):
+        StackAppSettings.model_validate(app_config(config, "stack")["args"])
+    cluster = load_config(PROJECT_ROOT / "cluster.yaml")
+    node_types = autoscaler_config(cluster, "127.0.0.1:1", 0.5)["available_node_types"]
+    assert set(node_types) - {"ray.head.default"} == \
+        set(cluster["available_node_types"]) - {cluster["head_node_type"]}
+    head_labels = cluster["available_node_types"][cluster["head_node_type"]]["labels"]
+    node_types["ray.head.default"]["labels"] = head_labels
+    assert set(LOCAL_NODE_SIZES) == set(cluster["available_node_types"])
+    _check_placement(local, node_types)
