@@ -340,6 +340,35 @@ async def test_a_hanging_call_times_out_and_the_server_stays_usable(make_agent, 
         "seconds": 60}
 
 
+async def test_concurrent_calls_share_one_connection(make_agent, stdio_calls, tmp_path):
+    """Sessions share a server's connection; a slow call does not hold up the others."""
+    import asyncio
+
+    from serve_app.agent.sandbox import Sandbox
+    from serve_app.agent.tools import ToolContext, Workspace
+
+    agent = make_agent(stdio())
+    await agent.create_session(tools=["mcp__t"])
+    ctx = ToolContext(session_id="s", workspace=Workspace(tmp_path), settings=agent.settings,
+                      sandbox=Sandbox(agent.settings.sandbox), time_left_s=30)
+    registry = agent.registry
+    finished: list[str] = []
+
+    async def run(name: str, arguments: dict[str, Any]) -> Any:
+        outcome = await registry.run(registry.get(name), ctx, arguments)
+        finished.append(name)
+        return outcome
+
+    outcomes = await asyncio.gather(
+        run("mcp__t__sleep", {"seconds": 2}),
+        *(run("mcp__t__lookup", {"key": key}) for key in ("alpha", "beta", "gamma")))
+    assert all(o.ok for o in outcomes), [o.error for o in outcomes]
+    assert finished[-1] == "mcp__t__sleep"
+    assert [o.result["text"] for o in outcomes[1:]] == [
+        "first letter", "second letter", "no record 'gamma'"]
+    assert len({c["pid"] for c in calls_in(stdio_calls)}) == 1
+
+
 async def test_a_server_that_never_answers_is_unavailable_fast(make_agent, model,
                                                                 stdio_calls, monkeypatch):
     monkeypatch.setenv("LLMSTACK_TEST_MCP_DELAY", "60")
