@@ -95,9 +95,11 @@ class AgentRunner:
             logger.warning("agent sandbox unavailable: %s", error)
 
     async def __del__(self) -> None:
-        """Graceful shutdown: usage rows of the sessions' LLM steps finish being written."""
+        """Graceful shutdown: usage rows of the sessions' LLM steps finish being written;
+        MCP connections close (stdio servers are this replica's child processes)."""
         if self._pipeline is not None:
             await self._pipeline.drain()
+        await self.service.close_connections()
 
     async def create_session(self, body: dict[str, Any], owner: str | None,
                              principal: dict[str, Any] | None = None) -> dict[str, Any]:

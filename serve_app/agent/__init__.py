@@ -4,6 +4,8 @@ Public surface (the AgentRunner deployment and the gateway use these):
 - AgentService (runner.py): create_session / post_message / get / audit / confirm / delete
 - AgentSettings (config.py): the `agent:` settings block
 - ToolRegistry, Tool, default_registry (tools.py): add tools
+- McpToolbox (mcp_tools.py): tools of the MCP servers in `agent.mcp_servers`, registered
+  as ordinary tools (AgentService builds it)
 - LLMPort, OpenAICompatibleLLM (llm_port.py): the model the agent talks to
 - Principal (access.py): the key a call acts for (ownership, grants, confirmation policy)
 """

@@ -7,11 +7,19 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from serve_app.json_schemas import MAX_SCHEMA_BYTES
+
 _HOST_PATTERN = re.compile(r"^(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d{1,5})?$")
+# MCP server names go into tool names (mcp__<server>__<tool>): no '_', short.
+_MCP_SERVER_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,15}$")
+_MCP_TOOL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 
 
 class _Strict(BaseModel):
@@ -92,6 +100,118 @@ class SandboxSettings(_Strict):
         return value
 
 
+class _McpServerBase(_Strict):
+    """What every MCP server entry has; the transport-specific fields are below."""
+
+    name: str = Field(description="Short name (lower-case letters, digits, '-'; at most 16): "
+                      "its tools reach the model as mcp__<name>__<tool>.")
+    tools: list[str] | None = Field(
+        None, description="Allowlist of the server's own tool names; None: every tool it "
+        "lists (up to max_tools). Tools outside it are never shown to the model.")
+    in_default_tools: bool = Field(False, description="Add this server's tools to sessions "
+                                   "that name no tools (agent.default_tools).")
+    confirm: Literal["annotations", "always"] = Field(
+        "annotations", description="annotations: a tool runs without a human only when the "
+        "server declares it readOnlyHint true and not destructiveHint true; always: every "
+        "call of this server's tools needs a human's approval (a server whose hints you "
+        "do not trust).")
+    connect_timeout_s: float = Field(10.0, gt=0, le=300, description="Connect, initialize, "
+                                     "list the tools and ping, each at most this long.")
+    call_timeout_s: float = Field(30.0, gt=0, le=3600, description="One tool call, at most "
+                                  "(and never past the session's wall-clock budget).")
+    retry_after_s: float = Field(30.0, ge=0, le=3600, description="After a failed connect, "
+                                 "calls fail at once for this long before the next try.")
+    max_tools: int = Field(64, ge=1, le=512, description="Tools taken from this server; "
+                           "the rest are dropped (logged).")
+    max_description_chars: int = Field(2000, ge=16, le=100_000, description="A longer tool "
+                                       "description is cut to this.")
+    max_schema_bytes: int = Field(16_000, ge=256, le=MAX_SCHEMA_BYTES, description="A tool "
+                                  "whose input (or output) schema is larger is dropped.")
+    max_result_chars: int = Field(32_000, ge=256, le=10_000_000, description="Text kept of "
+                                  "one result (the model then sees at most "
+                                  "agent.tool_result_max_chars of it).")
+
+    @field_validator("name")
+    @classmethod
+    def _server_name(cls, value: str) -> str:
+        if not _MCP_SERVER_NAME.match(value):
+            raise ValueError(f"MCP server name {value!r} must match {_MCP_SERVER_NAME.pattern} "
+                             "(it becomes part of the tool names the model sees)")
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _tool_names(cls, names: list[str] | None) -> list[str] | None:
+        for name in names or []:
+            if not _MCP_TOOL_NAME.match(name):
+                raise ValueError(f"{name!r} is not an MCP tool name ({_MCP_TOOL_NAME.pattern})")
+        return names
+
+
+def _env_names(mapping: dict[str, str], what: str) -> dict[str, str]:
+    for key, env in mapping.items():
+        if not _ENV_NAME.match(env):
+            raise ValueError(f"{what} {key!r}: {env!r} must be the NAME of an environment "
+                             "variable of the service (e.g. DOCS_MCP_TOKEN), never the secret")
+    return mapping
+
+
+class McpStdioServer(_McpServerBase):
+    """An MCP server the agent starts as a child process and talks to over stdin/stdout
+    (one process per AgentRunner replica, shared by its sessions)."""
+
+    transport: Literal["stdio"]
+    command: str = Field(min_length=1, description="Executable (absolute, or on PATH).")
+    args: list[str] = Field(default_factory=list, description="Its arguments (no secrets: "
+                            "pass those through `env`).")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Variables the server gets: {VAR_IT_SEES: "
+        "NAME_OF_A_VARIABLE_OF_THE_SERVICE}. Besides these it sees only HOME, LOGNAME, PATH, "
+        "SHELL, TERM and USER.")
+    cwd: Path | None = Field(None, description="Working directory of the server process.")
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, env: dict[str, str]) -> dict[str, str]:
+        for var in env:
+            if not _ENV_NAME.match(var):
+                raise ValueError(f"env: {var!r} is not a variable name")
+        return _env_names(env, "env")
+
+
+class McpHttpServer(_McpServerBase):
+    """An MCP server reached over streamable HTTP."""
+
+    transport: Literal["http"]
+    url: str = Field(description="The MCP endpoint, e.g. https://tools.internal/mcp.")
+    headers_env: dict[str, str] = Field(
+        default_factory=dict, description="Headers sent with every request, each taken from "
+        "an environment variable: {Authorization: DOCS_MCP_AUTH} (the variable holds the "
+        "whole value, e.g. 'Bearer ...').")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"MCP url {value!r} must be an http:// or https:// URL")
+        if parts.username or parts.password:
+            raise ValueError("MCP url must not carry credentials; send them in a header "
+                             "taken from the environment (headers_env)")
+        return value
+
+    @field_validator("headers_env")
+    @classmethod
+    def _headers(cls, headers: dict[str, str]) -> dict[str, str]:
+        for header in headers:
+            if not _HEADER_NAME.match(header):
+                raise ValueError(f"headers_env: {header!r} is not a header name")
+        return _env_names(headers, "headers_env")
+
+
+McpServerSettings = Annotated[McpStdioServer | McpHttpServer, Field(discriminator="transport")]
+
+
 class AgentSettings(_Strict):
     model: str = Field("auto", description="Model the agent's LLM calls ask for (routed "
                        "like chat: 'auto' lets the router pick).")
@@ -153,6 +273,10 @@ class AgentSettings(_Strict):
     llm_api_key_env: str | None = Field(None, description="Environment variable holding "
                                         "the key for llm_base_url.")
     sandbox: SandboxSettings = SandboxSettings()
+    mcp_servers: list[McpServerSettings] = Field(
+        default_factory=list, description="MCP servers whose tools sessions may use "
+        "(mcp__<server>__<tool>, or mcp__<server> for all of a server's tools); see "
+        "mcp_tools.py.")
 
     @field_validator("http_get_allowlist", "http_post_allowlist")
     @classmethod
@@ -172,6 +296,9 @@ class AgentSettings(_Strict):
                                  "raise max_budgets or lower the default")
         if self.min_completion_tokens > self.llm_max_tokens:
             raise ValueError("min_completion_tokens must not exceed llm_max_tokens")
+        names = [server.name for server in self.mcp_servers]
+        if len(names) != len(set(names)):
+            raise ValueError("mcp_servers: two servers have the same name")
         return self
 
     def resolve(self, data_dir: Path, path: Path) -> Path:

@@ -13,6 +13,9 @@ an irreversible tool call waits for a human. Every guardrail lives here, on the 
   steps are admitted and billed under the key that drives that run;
 - every tool call the model asks for, run or not, is in the audit log, whose `started`
   row is committed before the tool runs.
+Tools from MCP servers (mcp_tools.py) are registered as ordinary tools and go through all
+of the above; one that its server does not declare read-only (or declares destructive)
+is irreversible here.
 
 State lives in SQLite after every step (sessions.py); a replica holds a session's lease
 while it runs it. A call found in flight after a crash is never repeated: the model is told
@@ -37,6 +40,7 @@ from serve_app.agent.budgets import (Budget, LoopDetector, Prices, Stop, Usage,
                                      clamp_limits, prompt_tokens_upper_bound)
 from serve_app.agent.config import AgentSettings, BudgetLimits
 from serve_app.agent.llm_port import LLMPort, call_port
+from serve_app.agent.mcp_tools import McpToolbox
 from serve_app.agent.sandbox import Sandbox
 from serve_app.agent.sessions import (AWAITING, COMPLETED, DELETED, ERROR, RUNNING, STOPPED,
                                       Session, SessionConflict, SessionStore)
@@ -74,6 +78,9 @@ class AgentService:
         self.settings = settings
         self.llm = llm
         self.registry = registry or default_registry()
+        # MCP servers' tools join the registry when a session first needs them.
+        self.mcp = McpToolbox(settings.mcp_servers, self.registry) \
+            if settings.mcp_servers else None
         self.retrieve_fn = retrieve
         self.clock = clock
         self.monotonic = monotonic
@@ -93,6 +100,15 @@ class AgentService:
         self.store.close()
         self.audit_log.close()
 
+    async def close_connections(self) -> None:
+        """Close the MCP connections (stdio servers are child processes of this one)."""
+        if self.mcp is not None:
+            await self.mcp.aclose()
+
+    async def aclose(self) -> None:
+        await self.close_connections()
+        self.close()
+
     # ================================================================== public API
     async def create_session(self, *, owner: str | None = None,
                              principal: Principal | None = None,
@@ -105,7 +121,7 @@ class AgentService:
         if principal is not None:
             owner = principal.tenant_id
             metadata.pop("billing_key_id", None)  # who pays is never the client's word
-        names = self._tool_names(tools if tools is not None else s.default_tools)
+        names = await self._session_tools(tools)
         try:
             limits = clamp_limits(budgets, s.default_budgets, s.max_budgets)
         except ValueError as exc:
@@ -140,6 +156,7 @@ class AgentService:
                 raise ApiError(409, f"the session waits for confirmation of call "
                                f"{session.pending['call_id']}; approve or deny it first",
                                code="confirmation_pending")
+            await self._ensure_tools(session.tools)
             run = self._start_run(session, driver=self._driver(session, principal))
             self._recover(session, run)
             session.messages.append({"role": "user", "content": content})
@@ -205,6 +222,7 @@ class AgentService:
                 raise ApiError(409, f"the confirmation of call {call_id} expired; it was not "
                                "executed", code="confirmation_expired")
             # The loop goes on as the run that asked for the call: same driving key.
+            await self._ensure_tools(session.tools)
             run = self._start_run(session, driver=pending.get("requested_by")
                                   or access.creator_of(session))
             session.pending = None
@@ -397,6 +415,8 @@ class AgentService:
             now = self.clock()
             what = (f"{tool.name} is irreversible" if tool.irreversible
                     else f"{tool.name} with these arguments changes the workspace")
+            if tool.confirmation_reason:
+                what = f"{what} ({tool.confirmation_reason})"
             session.pending = {
                 "call_id": call_id, "tool": tool.name, "wire_name": tool.wire_name,
                 "arguments": arguments, "step": step,
@@ -591,12 +611,32 @@ class AgentService:
                               tool=tool, arguments=arguments, **fields)
 
     # ================================================================== small helpers
+    async def _session_tools(self, tools: list[str] | None) -> list[str]:
+        """A new session's tools: the ones it names (`mcp__<server>` names all of that
+        server's tools), else the defaults (with the MCP servers in_default_tools)."""
+        names = tools if tools is not None else self.settings.default_tools
+        if not isinstance(names, list):
+            raise ApiError(422, "tools must be a list of tool names", param="tools")
+        if self.mcp is not None:
+            await self.mcp.ensure(names, defaults=tools is None)
+            names = self.mcp.expand(names, defaults=tools is None)
+        return self._tool_names(names)
+
+    async def _ensure_tools(self, names: list[str]) -> None:
+        """The MCP tools a session uses are registered (listed once per replica)."""
+        if self.mcp is not None:
+            await self.mcp.ensure(names)
+
     def _tool_names(self, names: list[str]) -> list[str]:
         if not isinstance(names, list):
             raise ApiError(422, "tools must be a list of tool names", param="tools")
         resolved: list[str] = []
         for name in names:
             tool = self.registry.get(name) if isinstance(name, str) else None
+            reason = self.mcp.unavailable(name) if tool is None and self.mcp else None
+            if reason is not None:
+                raise ApiError(503, f"the MCP server of {name!r} is unavailable: {reason}",
+                               param="tools", code="tool_unavailable")
             if tool is None:
                 raise ApiError(422, f"unknown tool {name!r}; available: "
                                + ", ".join(self.registry.names()), param="tools",

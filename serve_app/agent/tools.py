@@ -69,6 +69,9 @@ class Tool:
     irreversible: bool = False
     # Arguments that make an otherwise reversible call irreversible (python write=true).
     irreversible_if: Callable[[dict[str, Any]], bool] | None = None
+    # Why a call waits for a human, as the pending confirmation shows it (default: the
+    # runner's own wording).
+    confirmation_reason: str | None = None
 
     def needs_confirmation(self, arguments: Any) -> bool:
         if self.irreversible:

@@ -4,6 +4,9 @@ registered as a provider) makes the guardrail tests deterministic; one test uses
 local model with structured output."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import httpx
 import pytest
 
@@ -12,6 +15,8 @@ from tests.support.scripted_model import ScriptedModel, answer, tool_call
 
 LOCAL = "smollm2-135m-instruct"
 TOOLS = ["python", "files.read", "files.list", "files.write", "files.delete"]
+# A real MCP server (the SDK's MCPServer) that each AgentRunner replica starts over stdio.
+MCP_SERVER = Path(__file__).resolve().parents[1] / "support" / "mcp_server.py"
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +36,10 @@ def stack(cluster, tmp_path_factory, scripted):
                                   "price_out_per_mtok": 1000.0}],
                    "tiers": {"small": ["local"], "medium": ["local"], "large": ["local"]}},
         "agent": {"model": "scripted-model", "default_tools": TOOLS, "llm_max_tokens": 128,
-                  "sandbox": {"wall_seconds": 20}}})
+                  "sandbox": {"wall_seconds": 20},
+                  "mcp_servers": [{"name": "test", "transport": "stdio",
+                                   "command": sys.executable,
+                                   "args": [str(MCP_SERVER), "stdio"]}]}})
     cluster.keys = {"user": create_key(cluster.base_url, tenant="agents"),
                     "colleague": create_key(cluster.base_url, tenant="agents"),
                     "operator": create_key(cluster.base_url, tenant="agents", can_confirm=True),
@@ -157,6 +165,38 @@ def test_llm_steps_go_through_routing_and_the_ledger(stack, scripted):
                          params={"key_id": stack.keys["user"]["key_id"]}).json()["data"]
     steps = [r for r in rows if r["route"] == "/v1/agent/llm"]
     assert steps and steps[0]["model"] == "scripted-model" and steps[0]["status"] == 200
+
+
+def test_mcp_tools_run_under_the_same_rules(stack, scripted):
+    """An MCP server's tools through the deployed AgentRunner: the read-only one runs, the
+    destructive one waits for a key with can_confirm, runs once, and all are audited."""
+    scripted.script(tool_call("mcp__test__lookup", {"key": "beta"}),
+                    tool_call("mcp__test__delete_record", {"key": "beta"}),
+                    tool_call("mcp__test__lookup", {"key": "beta"}), answer("Deleted beta."))
+    session = new_session(stack, tools=["mcp__test"], budgets={"max_usd": 5.0})
+    assert {"mcp__test__lookup", "mcp__test__delete_record"} <= {
+        t["name"] for t in session["tools"]}
+    paused = say(stack, session["id"], "Delete beta").json()
+    assert paused["status"] == "awaiting_confirmation", paused
+    pending = paused["pending_confirmation"]
+    assert pending["tool"] == "mcp__test__delete_record" and pending["arguments"] == {
+        "key": "beta"}
+    assert "second letter" in [m for m in paused["messages"] if m["role"] == "tool"][0][
+        "content"]
+    with http(stack, "operator") as client:
+        done = client.post(f"/v1/agent/sessions/{session['id']}/confirmations/"
+                           f"{pending['call_id']}", json={"approve": True}).json()
+    assert done["status"] == "completed" and done["answer"] == "Deleted beta.", done
+    deleted, after = [m["content"] for m in done["messages"] if m["role"] == "tool"][1:]
+    assert "deleted beta" in deleted and "no record" in after  # it ran, once
+    with http(stack) as client:
+        audit = client.get(f"/v1/agent/sessions/{session['id']}/audit").json()["data"]
+    assert [(c["tool"], c["decision"], c["status"]) for c in audit] == [
+        ("mcp__test__lookup", "auto", "succeeded"),
+        ("mcp__test__delete_record", "approved", "succeeded"),
+        ("mcp__test__lookup", "auto", "succeeded")]
+    assert audit[1]["arguments"] == {"key": "beta"}
+    assert audit[1]["confirmer"] == stack.keys["operator"]["key_id"]
 
 
 def test_audit_chain_verifies(stack):
