@@ -81,6 +81,63 @@ def stack_app(config: dict[str, Any]) -> dict[str, Any]:
     raise KeyError("the config has no stack application (deployments.app:build_app)")
 
 
+class ClusterInspector:
+    """What an operator sees of a running cluster, over the dashboard's REST APIs (Ray's
+    state API for nodes, Serve's for replicas) and the process table (raylets by node id).
+    Used by the tests and the load benchmark alike."""
+
+    def __init__(self, dashboard_url: str) -> None:
+        self.dashboard_url = dashboard_url
+
+    def _get(self, path: str, **params: Any) -> Any:
+        response = httpx.get(f"{self.dashboard_url}{path}", params=params, timeout=30,
+                             headers=ray_auth_headers())
+        response.raise_for_status()
+        return response.json()
+
+    def nodes(self) -> dict[str, dict[str, Any]]:
+        """ALIVE nodes by node id."""
+        result = self._get("/api/v0/nodes", limit=1000)["data"]["result"]["result"]
+        return {node["node_id"]: node for node in result if node["state"] == "ALIVE"}
+
+    def replicas(self) -> dict[str, list[dict[str, Any]]]:
+        """RUNNING replicas per deployment, over every application."""
+        details = self._get("/api/serve/applications/")
+        running: dict[str, list[dict[str, Any]]] = {}
+        for application in (details.get("applications") or {}).values():
+            for name, deployment in application["deployments"].items():
+                running[name] = [r for r in deployment["replicas"] if r["state"] == "RUNNING"]
+        return running
+
+    @staticmethod
+    def raylet_pid(node_id: str) -> int:
+        import psutil
+
+        for process in psutil.process_iter(["cmdline"]):
+            cmdline = process.info["cmdline"] or []
+            if cmdline and cmdline[0].endswith("/raylet") and f"--node_id={node_id}" in cmdline:
+                return process.pid
+        raise LookupError(f"no raylet process for node {node_id}")
+
+    def busiest_cpu_worker(self) -> str:
+        """The non-head, GPU-less node that carries the most replicas."""
+        nodes = self.nodes()
+        hosted = [r["node_id"] for running in self.replicas().values() for r in running]
+        workers = [node_id for node_id, node in nodes.items() if not node["is_head_node"]
+                   and not node["resources_total"].get("GPU") and node_id in hosted]
+        if not workers:
+            raise LookupError("no CPU worker node carries a replica")
+        return max(workers, key=hosted.count)
+
+
+def ray_auth_headers() -> dict[str, str]:
+    """Ray's token for the dashboard's APIs (the same token file as the cluster's)."""
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    token = os.environ.get("RAY_AUTH_TOKEN") or (Path(path).read_text().strip()
+                                                 if path and Path(path).exists() else "")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def state_path(data_dir: Path) -> Path:
     return data_dir / "cluster" / "state.json"
 
@@ -178,7 +235,7 @@ class LocalMultiNodeCluster:
                                    f"see {cluster_dir / 'head.log'}")
             try:
                 if httpx.get(f"{self.dashboard_url}/api/version", timeout=2,
-                             headers=self.auth_headers()).status_code == 200:
+                             headers=ray_auth_headers()).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
@@ -190,12 +247,7 @@ class LocalMultiNodeCluster:
                             deadline - time.monotonic())
 
     def alive_nodes(self) -> list[dict[str, Any]]:
-        """Ray's state API (the dashboard's /api/v0/nodes): the nodes ALIVE now."""
-        response = httpx.get(f"{self.dashboard_url}/api/v0/nodes", timeout=10,
-                             params={"limit": 1000}, headers=self.auth_headers())
-        response.raise_for_status()
-        return [node for node in response.json()["data"]["result"]["result"]
-                if node["state"] == "ALIVE"]
+        return list(ClusterInspector(self.dashboard_url).nodes().values())
 
     def wait_for_nodes(self, count: int, timeout_s: float) -> None:
         """The autoscaler brings up every node type's min_workers before anything deploys,
@@ -213,12 +265,6 @@ class LocalMultiNodeCluster:
             time.sleep(1)
         raise TimeoutError(f"{len(alive)} of {count} nodes joined; see the autoscaler's log "
                            "(monitor.log in the session dir)")
-
-    def auth_headers(self) -> dict[str, str]:
-        path = os.environ.get("RAY_AUTH_TOKEN_PATH")
-        token = os.environ.get("RAY_AUTH_TOKEN") or (Path(path).read_text().strip()
-                                                     if path and Path(path).exists() else "")
-        return {"Authorization": f"Bearer {token}"} if token else {}
 
     def connect(self) -> None:
         import ray

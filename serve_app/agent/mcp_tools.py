@@ -241,6 +241,9 @@ class _Connection:
     async def _open(self, timeout: float) -> Any:
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[Any] = loop.create_future()
+        # After a timeout nobody awaits `ready` any more; its late failure is read here so
+        # asyncio does not log "exception was never retrieved".
+        ready.add_done_callback(lambda done: done.cancelled() or done.exception())
         stop = asyncio.Event()
         task = asyncio.create_task(self._hold(ready, stop), name=f"mcp-{self.server.name}")
         try:

@@ -20,14 +20,13 @@ from typing import Any
 
 import httpx
 import openai
-import psutil
 import pytest
 import yaml
 from openai import AsyncOpenAI
 
-from deployments.launch import app_config, load_config
-from deployments.multinode import (LOCAL_SERVE_CONFIG, ClusterState, free_port, stack_app,
-                                   state_path)
+from deployments.launch import load_config
+from deployments.multinode import (LOCAL_SERVE_CONFIG, ClusterInspector, ClusterState,
+                                   free_port, stack_app, state_path)
 from serve_app.quota.sharding import shard_of
 from tests.support.fake_provider import Fault, FakeProvider
 from tests.support.keys import ADMIN_ENV, admin_client, create_key
@@ -37,43 +36,15 @@ SLOW = "slow-model"
 GPU_DEPLOYMENTS = {"LocalLLM", "Embedder"}
 
 
-class MultiNode:
+class MultiNode(ClusterInspector):
     def __init__(self, state: ClusterState, data_dir: Path, provider: FakeProvider) -> None:
+        super().__init__(state.dashboard_url)
         self.state = state
         self.base_url = state.http_url
         self.data_dir = data_dir
         self.provider = provider
-        token = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
-        self.ray_headers = {"Authorization": f"Bearer {token}"}
         self.keys: dict[str, dict[str, Any]] = {}
         self.shard_keys: list[str] = []
-
-    def dashboard(self, path: str, **params: Any) -> Any:
-        response = httpx.get(f"{self.state.dashboard_url}{path}", params=params, timeout=30,
-                             headers=self.ray_headers)
-        response.raise_for_status()
-        return response.json()
-
-    def nodes(self) -> dict[str, dict[str, Any]]:
-        """ALIVE nodes by id (Ray's state API)."""
-        result = self.dashboard("/api/v0/nodes", limit=1000)["data"]["result"]["result"]
-        return {n["node_id"]: n for n in result if n["state"] == "ALIVE"}
-
-    def replicas(self) -> dict[str, list[dict[str, Any]]]:
-        """RUNNING replicas per deployment, over both applications (Serve's REST API)."""
-        details = self.dashboard("/api/serve/applications/")
-        out: dict[str, list[dict[str, Any]]] = {}
-        for application in details["applications"].values():
-            for name, deployment in application["deployments"].items():
-                out[name] = [r for r in deployment["replicas"] if r["state"] == "RUNNING"]
-        return out
-
-    def raylet_pid(self, node_id: str) -> int:
-        for process in psutil.process_iter(["cmdline"]):
-            cmdline = process.info["cmdline"] or []
-            if cmdline and cmdline[0].endswith("/raylet") and f"--node_id={node_id}" in cmdline:
-                return process.pid
-        raise LookupError(f"no raylet process for node {node_id}")
 
     def client(self, who: str = "user") -> httpx.Client:
         return httpx.Client(base_url=self.base_url, timeout=300,
@@ -253,17 +224,8 @@ def test_gateway_replicas_follow_a_burst_up_and_back_down(multinode):
                 "the Gateway returns to its minimum after the burst")
 
 
-def _cpu_worker_with_most_replicas(cluster: MultiNode) -> str:
-    nodes = cluster.nodes()
-    hosted = [r["node_id"] for running in cluster.replicas().values() for r in running]
-    workers = [i for i, n in nodes.items() if not n["is_head_node"]
-               and not n["resources_total"].get("GPU") and i in hosted]
-    assert workers, "no CPU worker node hosts a replica"
-    return max(workers, key=hosted.count)
-
-
 def test_killing_a_cpu_worker_node_loses_no_row_and_serve_recovers(multinode):
-    victim = _cpu_worker_with_most_replicas(multinode)
+    victim = multinode.busiest_cpu_worker()
     lost = {name for name, running in multinode.replicas().items()
             if any(r["node_id"] == victim for r in running)}
     raylet = multinode.raylet_pid(victim)
