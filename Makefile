@@ -27,7 +27,7 @@ export RAY_AUTH_TOKEN_PATH ?= $(abspath $(DATA_DIR))/secrets/ray_auth_token
 PG_SERVER_GLOB := /usr/lib/postgresql/*/bin/postgres
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup models train-router run cluster-up test test-unit bench bench-load lint clean postgres-server
+.PHONY: setup models train-router run cluster-up test test-unit bench bench-load lint clean postgres-server chromium
 
 setup: $(STAMP)
 
@@ -80,8 +80,22 @@ test: models postgres-server
 test-unit: setup postgres-server
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit
 
-bench: models postgres-server
+bench: models postgres-server chromium
 	$(PY) -m benchmarks.run_all
+
+# The mixed-workload load test against the single-node stack and the local multi-node
+# cluster (with a worker node killed mid-run): benchmarks/results/load_*.json and load.png.
+bench-load: models chromium
+	$(PY) -m benchmarks.load --kill-worker-at 50
+
+# Debian's chromium, for the dashboard screenshots the load benchmark takes (playwright
+# drives it; playwright's own browser download is never used).
+chromium:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+		echo "installing Debian's chromium"; \
+		$(SUDO) apt-get update && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	fi
 
 lint: setup
 	$(PY) -m compileall -q serve_app deployments training tests benchmarks

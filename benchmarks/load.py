@@ -24,7 +24,7 @@ Writes benchmarks/results/load_<target>.json for each target, load_summary.json 
 load.png (replicas and nodes over time above latency and throughput).
 
     python -m benchmarks.load [--targets single cluster] [--phases 4:20 16:40 4:20]
-                              [--kill-worker-at 45]
+                              [--kill-worker-at 50] [--result-name load]
 """
 from __future__ import annotations
 
@@ -176,7 +176,7 @@ def admin(base_url: str) -> httpx.Client:
 
 def make_keys(base_url: str) -> list[str]:
     """Three tenants, two keys each; the first key of the last tenant is held to 30 RPM."""
-    keys = []
+    keys: list[str] = []
     with admin(base_url) as client:
         for tenant in ("acme", "globex", "initech"):
             for index in range(2):
@@ -274,6 +274,21 @@ def sample_topology(inspector: ClusterInspector, run: Run, stop: threading.Event
         run.topology.append({"at": round(run.now(), 1), "nodes": nodes, "replicas": replicas})
 
 
+def screenshots(dashboard_url: str, run: Run, at_s: float) -> None:
+    """The dashboard's Serve and Cluster pages in a real headless Chromium, under load."""
+    from benchmarks.dashboard_screenshot import take
+    from deployments.multinode import ray_auth_headers
+
+    time.sleep(at_s)
+    token = ray_auth_headers().get("Authorization", "").removeprefix("Bearer ")
+    try:
+        saved = take(dashboard_url, token, RESULTS_DIR, prefix=f"dashboard_{run.target}")
+    except Exception as error:  # noqa: BLE001 - a screenshot must not end the load test
+        print(f"dashboard screenshot failed: {error}", file=sys.stderr)
+        return
+    print(f"dashboard screenshots at {run.now():.0f} s: {[str(p) for p in saved]}")
+
+
 def kill_worker(inspector: ClusterInspector, run: Run, at_s: float) -> None:
     time.sleep(at_s)
     victim = inspector.busiest_cpu_worker()
@@ -324,11 +339,19 @@ def summarise(run: Run, latency_bound_s: float) -> dict[str, Any]:
     }
     if run.node_kill is not None:
         killed = run.node_kill["at_s"]
-        failed_after = [s for s in run.samples if s.at >= killed and s.status != 200
-                        and s.status != 429]
-        last = max((s.at for s in failed_after), default=killed)
+        # Failures are what the server owes (5xx, dropped connections), not the expected
+        # 429s of the limited key.
+        failed_after = [s for s in run.samples if s.at >= killed
+                        and (s.status >= 500 or s.status == 0)]
+        last = max((s.at + s.latency_s for s in failed_after), default=killed)
+        # Requests may also wait (Serve queues calls for a replica being restarted): the
+        # longest time after the kill without any answer is the interruption seen.
+        answers = sorted([killed] + [s.at + s.latency_s for s in run.samples
+                                     if s.status == 200 and s.at + s.latency_s >= killed])
+        stall = max((b - a for a, b in zip(answers, answers[1:])), default=0.0)
         summary["node_kill"] = {**run.node_kill, "failed_requests": len(failed_after),
-                                "seconds_until_recovery": round(last - killed, 1)}
+                                "seconds_until_last_failure": round(last - killed, 1),
+                                "longest_gap_without_an_answer_s": round(stall, 1)}
     return summary
 
 
@@ -378,35 +401,42 @@ def plot(runs: list[Run], path: Path) -> None:
 
 
 def run_target(name: str, provider_url: str, phases: list[tuple[int, float]],
-               kill_at: float | None, latency_bound_s: float) -> tuple[Run, dict[str, Any]]:
+               kill_at: float | None, latency_bound_s: float,
+               result_name: str = "load") -> tuple[Run, dict[str, Any]]:
     workdir = Path(tempfile.mkdtemp(prefix=f"load-{name}-"))
     target = Target(name, provider_url, workdir)
     print(f"starting {name} (logs in {workdir})", flush=True)
     target.start()
     try:
         keys = make_keys(target.base_url)
-        ingest(target.base_url, keys[0])
+        for tenant_key in keys[::2]:  # one key per tenant: each tenant has its handbook
+            ingest(target.base_url, tenant_key)
         run = Run(target=name)
         inspector = ClusterInspector(target.dashboard_url)
         stop = threading.Event()
         sampler = threading.Thread(target=sample_topology, args=(inspector, run, stop),
                                    daemon=True)
         sampler.start()
-        killer = None
+        helpers = []
+        if name == "cluster":
+            helpers.append(threading.Thread(
+                target=screenshots, daemon=True,
+                args=(target.dashboard_url, run, min(kill_at or 40.0, 40.0) - 10)))
         if kill_at is not None and name == "cluster":
-            killer = threading.Thread(target=kill_worker, args=(inspector, run, kill_at),
-                                      daemon=True)
-            killer.start()
+            helpers.append(threading.Thread(target=kill_worker, daemon=True,
+                                            args=(inspector, run, kill_at)))
+        for helper in helpers:
+            helper.start()
         asyncio.run(drive(target.base_url, run, keys, phases))
         time.sleep(3)
         stop.set()
         sampler.join(10)
-        if killer is not None:
-            killer.join(10)
+        for helper in helpers:
+            helper.join(60)
     finally:
         target.stop()
     summary = summarise(run, latency_bound_s)
-    write_result(f"load_{name}", {"summary": summary, "topology": run.topology,
+    write_result(f"{result_name}_{name}", {"summary": summary, "topology": run.topology,
                                   "samples": [s.__dict__ for s in run.samples]})
     return run, summary
 
@@ -423,6 +453,8 @@ def main() -> int:
     parser.add_argument("--latency-bound-s", type=float, default=5.0,
                         help="the p95 bound for 'RPS at p95 under the bound'")
     parser.add_argument("--stub-latency-s", type=float, default=0.4)
+    parser.add_argument("--result-name", default="load",
+                        help="prefix of the result files (load_<target>.json, load.png)")
     args = parser.parse_args()
     phases = [(int(c), float(s)) for c, s in (p.split(":") for p in args.phases)]
     # The same private control plane as `make run` (the token the dashboard APIs need),
@@ -436,13 +468,15 @@ def main() -> int:
         provider.set_default(Fault(latency_s=args.stub_latency_s))
         for name in args.targets:
             run, summary = run_target(name, provider.base_url, phases, args.kill_worker_at,
-                                      args.latency_bound_s)
+                                      args.latency_bound_s, args.result_name)
             runs.append(run)
             summaries[name] = summary
             print(yaml.safe_dump({name: {k: v for k, v in summary.items() if k != "phases"}},
                                  sort_keys=False), flush=True)
-    write_result("load_summary", {"phases": args.phases, "targets": summaries})
-    plot(runs, RESULTS_DIR / "load.png")
+    write_result(f"{result_name}_summary", {"phases": args.phases,
+                                            "kill_worker_at": args.kill_worker_at,
+                                            "targets": summaries})
+    plot(runs, RESULTS_DIR / f"{result_name}.png")
     return 0
 
 

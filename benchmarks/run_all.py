@@ -32,6 +32,8 @@ QUICK: dict[str, list[str]] = {
     "rag_http_latency": ["--synthetic-chunks", "5000", "--queries", "20"],
     "bfcl_benchmark": ["--limit", "5", "--result-name", "bfcl_quick"],
     "gateway_vs_litellm": ["--quick", "--result-name", "gateway_vs_litellm_quick"],
+    "load": ["--phases", "4:10", "8:15", "--kill-worker-at", "12",
+             "--result-name", "load_quick"],
 }
 
 
