@@ -282,7 +282,7 @@ def screenshots(dashboard_url: str, run: Run, at_s: float) -> None:
     time.sleep(at_s)
     token = ray_auth_headers().get("Authorization", "").removeprefix("Bearer ")
     try:
-        saved = take(dashboard_url, token, RESULTS_DIR, prefix=f"dashboard_{run.target}")
+        saved = take(dashboard_url, token, RESULTS_DIR)
     except Exception as error:  # noqa: BLE001 - a screenshot must not end the load test
         print(f"dashboard screenshot failed: {error}", file=sys.stderr)
         return
@@ -353,6 +353,21 @@ def summarise(run: Run, latency_bound_s: float) -> dict[str, Any]:
                                 "seconds_until_last_failure": round(last - killed, 1),
                                 "longest_gap_without_an_answer_s": round(stall, 1)}
     return summary
+
+
+def load_run(path: Path) -> Run:
+    """A run as a target's JSON recorded it (samples, topology, phases, node kill)."""
+    import json
+
+    recorded = json.loads(path.read_text())
+    summary = recorded["summary"]
+    run = Run(target=summary["target"], samples=[Sample(**s) for s in recorded["samples"]],
+              topology=recorded["topology"])
+    run.phases = [{k: p[k] for k in ("concurrency", "from_s", "to_s")}
+                  for p in summary["phases"]]
+    if "node_kill" in summary:
+        run.node_kill = {k: summary["node_kill"][k] for k in ("at_s", "lost_deployments")}
+    return run
 
 
 def _max_replicas(topology: list[dict[str, Any]]) -> dict[str, int]:
@@ -455,7 +470,17 @@ def main() -> int:
     parser.add_argument("--stub-latency-s", type=float, default=0.4)
     parser.add_argument("--result-name", default="load",
                         help="prefix of the result files (load_<target>.json, load.png)")
+    parser.add_argument("--from-results", action="store_true",
+                        help="only rebuild the summary and the PNG from the targets' JSON")
     args = parser.parse_args()
+    if args.from_results:
+        runs = [load_run(RESULTS_DIR / f"{args.result_name}_{name}.json")
+                for name in args.targets]
+        write_result(f"{args.result_name}_summary", {
+            "phases": args.phases, "kill_worker_at": args.kill_worker_at,
+            "targets": {run.target: summarise(run, args.latency_bound_s) for run in runs}})
+        plot(runs, RESULTS_DIR / f"{args.result_name}.png")
+        return 0
     phases = [(int(c), float(s)) for c, s in (p.split(":") for p in args.phases)]
     # The same private control plane as `make run` (the token the dashboard APIs need),
     # inherited by both targets.
@@ -473,10 +498,10 @@ def main() -> int:
             summaries[name] = summary
             print(yaml.safe_dump({name: {k: v for k, v in summary.items() if k != "phases"}},
                                  sort_keys=False), flush=True)
-    write_result(f"{result_name}_summary", {"phases": args.phases,
-                                            "kill_worker_at": args.kill_worker_at,
-                                            "targets": summaries})
-    plot(runs, RESULTS_DIR / f"{result_name}.png")
+    write_result(f"{args.result_name}_summary", {"phases": args.phases,
+                                                 "kill_worker_at": args.kill_worker_at,
+                                                 "targets": summaries})
+    plot(runs, RESULTS_DIR / f"{args.result_name}.png")
     return 0
 
 

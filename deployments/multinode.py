@@ -40,6 +40,7 @@ import yaml
 from deployments.launch import (LOOPBACK, _exit, deploy, install_stop_handlers,
                                 load_config, prepare_models, ray_control_plane_env,
                                 StopRequested, _ProcessTracker)
+from deployments.local_cluster import free_port
 from serve_app.settings import PROJECT_ROOT, resolve_data_dir
 
 logger = logging.getLogger("deployments.multinode")
@@ -173,14 +174,6 @@ def autoscaler_config(cluster_yaml: dict[str, Any], gcs_address: str,
     }
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
-
-
 class LocalMultiNodeCluster:
     """Start, inspect and stop the local multi-node cluster (owns only what it started)."""
 
@@ -202,9 +195,9 @@ class LocalMultiNodeCluster:
         return f"http://{LOOPBACK}:{self.dashboard_port}"
 
     def start(self, timeout_s: float = 180.0) -> None:
-        env = {**os.environ, **ray_control_plane_env(self.data_dir),
-               "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+        # Token auth and loopback ports for every node, and for this process's driver.
         os.environ.update(ray_control_plane_env(self.data_dir))
+        env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
         cluster_dir = self.data_dir / "cluster"
         cluster_dir.mkdir(parents=True, exist_ok=True)
         config_file = cluster_dir / "autoscaler.yaml"
