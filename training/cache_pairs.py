@@ -252,6 +252,53 @@ def synthetic_pairs(bases: list[str], rng: random.Random) -> list[Pair]:
     return pairs
 
 
+# Same-meaning rewordings (training only: a verifier that never saw "colour"/"color" or
+# "What is"/"What's" learns that a near-identical pair with one changed word is a
+# near-miss, because every such pair in the data is one).
+_REWORDINGS = [(r"\bWhat is\b", "What's"), (r"\bWhat's\b", "What is"),
+               (r"\bHow do I\b", "How can I"), (r"\bHow can I\b", "How do I"),
+               (r"\bdo not\b", "don't"), (r"\bdon't\b", "do not"),
+               (r"\bcannot\b", "can't"), (r"\bcan't\b", "cannot"),
+               (r"\bis it possible to\b", "can I"), (r"\bI am\b", "I'm"),
+               (r"\bit is\b", "it's"), (r"^A (?=[a-z])", "The "), (r"^The (?=[a-z])", "A ")]
+_SPELLINGS = [("color", "colour"), ("favorite", "favourite"), ("center", "centre"),
+              ("organize", "organise"), ("analyze", "analyse"), ("behavior", "behaviour"),
+              ("neighbor", "neighbour"), ("gray", "grey"), ("license", "licence"),
+              ("theater", "theatre"), ("realize", "realise"), ("flavor", "flavour")]
+_SPELLING = {a: b for a, b in _SPELLINGS} | {b: a for a, b in _SPELLINGS}
+_WRAPPERS = ["Quick question: {}", "Please tell me: {}", "{} Thanks!", "Hi, {}"]
+REWORDINGS_PER_FAMILY = 400
+
+
+def reword(text: str, rng: random.Random) -> str | None:
+    """The same question or sentence in other words: a contraction, another spelling, a
+    greeting or thanks around it."""
+    choice = rng.random()
+    if choice < 0.5:
+        options = [(pattern, new) for pattern, new in _REWORDINGS if re.search(pattern, text)]
+        words = [w for w in re.findall(r"[a-z]+", text) if w in _SPELLING]
+        if words and (not options or rng.random() < 0.5):
+            word = rng.choice(words)
+            return re.sub(rf"\b{word}\b", _SPELLING[word], text, count=1)
+        if options:
+            pattern, new = rng.choice(options)
+            return re.sub(pattern, new, text, count=1)
+    return rng.choice(_WRAPPERS).format(text)
+
+
+def synthetic_rewordings(bases: list[str], seed: int) -> list[Pair]:
+    """Same-meaning variants of the synthetic bases (family synth_same): for training the
+    verifier; the recall targets are measured on the natural families only."""
+    rng = random.Random(f"rewordings:{seed}")
+    made = []
+    for text in bases:
+        variant = reword(text, rng)
+        if variant and normalize_prompt(variant) != normalize_prompt(text):
+            made.append(Pair("synth_same", True, text, variant, text))
+    rng.shuffle(made)
+    return made[:REWORDINGS_PER_FAMILY]
+
+
 def synthetic_bases(cache_dir: Path) -> list[str]:
     texts: set[str] = set()
     with (cache_dir / "sts2016_question_question.csv").open(newline="") as handle:
@@ -270,13 +317,17 @@ def synthetic_bases(cache_dir: Path) -> list[str]:
 
 def all_pairs(cache_dir: Path, vectors_for: Callable[[list[str]], dict[str, np.ndarray]],
               *, seed: int = 13, same_min: float = SAME_MIN_SCORE,
-              different_max: float = DIFFERENT_MAX_SCORE
+              different_max: float = DIFFERENT_MAX_SCORE, rewordings: bool = False
               ) -> tuple[list[Pair], dict[str, np.ndarray]]:
     """Natural, nearest-other and synthetic pairs (the calibration benchmark's set, same
-    seed, same order) and the embedding of every text. `vectors_for(texts)` embeds."""
+    seed, same order; with `rewordings` also synth_same) and the embedding of every text.
+    `vectors_for(texts)` embeds."""
     rng = random.Random(seed)
     natural = load_natural_pairs(cache_dir, same_min, different_max)
-    synthetic = synthetic_pairs(synthetic_bases(cache_dir), rng)
+    bases = synthetic_bases(cache_dir)
+    synthetic = synthetic_pairs(bases, rng)
+    if rewordings:
+        synthetic += synthetic_rewordings(bases, seed)
     texts = sorted({t for p in natural + synthetic for t in (p.cached, p.query)})
     vectors = vectors_for(texts)
     paraphrases = [p for p in natural if p.family == "gptcache_paraphrase"]
@@ -317,8 +368,8 @@ def data_fingerprint(cache_dir: Path) -> dict[str, Any]:
 
 def served_metrics(pairs: Sequence[Pair], served: np.ndarray,
                    indexes: Iterable[int] | None = None) -> dict[str, Any]:
-    """Macro recall and false-hit rates of a served/not-served decision per pair (over
-    `indexes`, default all), per family, and pooled precision."""
+    """Macro recall (natural same-families) and false-hit rates of a served/not-served
+    decision per pair (over `indexes`, default all), per family, and pooled precision."""
     chosen = list(range(len(pairs))) if indexes is None else list(indexes)
     families: dict[str, list[int]] = defaultdict(list)
     for index in chosen:
@@ -330,7 +381,8 @@ def served_metrics(pairs: Sequence[Pair], served: np.ndarray,
         same = pairs[members[0]].same
         per_family[family] = {"pairs": len(members),
                               ("recall" if same else "false_hit_rate"): round(rate, 4)}
-        (recalls if same else false_hits).append(rate)
+        if not (same and family.startswith("synth_")):  # recall: natural repeats only
+            (recalls if same else false_hits).append(rate)
     labels = np.array([pairs[i].same for i in chosen], dtype=bool)
     taken = np.asarray(served, dtype=bool)[chosen]
     tp = int((taken & labels).sum())
