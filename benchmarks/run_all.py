@@ -19,6 +19,8 @@ import time
 # module -> quick arguments (the order is the order they run in)
 QUICK: dict[str, list[str]] = {
     "cache_calibration": [],
+    "cache_verifier": ["--repeats", "1", "--latency-queries", "100", "--latency-rounds", "1",
+                       "--result-name", "cache_verifier_quick"],
     "cache_store_latency": ["--sizes", "5000", "--lookups", "50"],
     "router_benchmark": [],
     "router_loso": ["--max-per-source", "60", "--bootstrap", "50",
