@@ -302,10 +302,13 @@ class CacheService:
             entry_id = _id(entry_id, "entry_id")
             row = self.store.get(entry_id)
             served = self.feedback.last_served_entry(entry_id)
-            if row is None and served is None:
+            if row is not None:
+                owner = str(row["tenant"])
+            elif served is not None:
+                owner = served.tenant
+            else:
                 raise ApiError(404, f"No cache entry {entry_id}.", code="cache_entry_not_found",
                                param="entry_id")
-            owner = row["tenant"] if row is not None else served.tenant  # type: ignore[union-attr]
         if not admin and owner != caller_tenant:
             raise ApiError(403, "This cached answer belongs to another tenant.",
                            code="not_your_cache_entry",
@@ -318,20 +321,9 @@ class CacheService:
             self.metrics.entries(self.store.count())
         if existing is not None:
             return self._feedback_answer(existing, removed, already=True)
-        namespace = served.namespace if served is not None else str(row["namespace"])  # type: ignore[index]
-        negative = Negative(
-            tenant=owner, namespace=namespace, entry_id=entry_id,
-            match=served.match if served is not None else "unserved",
-            query=served.query if served is not None else "",
-            query_hash=served.query_hash if served is not None else "",
-            cached_prompt=served.cached_prompt if served is not None else str(row["prompt"]),  # type: ignore[index]
-            cached_hash=(served.cached_hash if served is not None
-                         else str(row.get("prompt_hash") or prompt_hash(str(row["prompt"])))),  # type: ignore[union-attr]
-            marked_by="admin" if admin else str(principal.get("key_id") or ""),
-            created_at=self.clock(), request_id=request_id or "",
-            similarity=served.similarity if served is not None else None,
-            verifier_score=served.verifier_score if served is not None else None,
-            reason=reason)
+        negative = _negative(owner, entry_id, served, row, request_id=request_id or "",
+                             marked_by="admin" if admin else str(principal.get("key_id") or ""),
+                             reason=reason, now=self.clock())
         self.feedback.add_negative(negative)
         self.counts["reported_wrong"] += 1
         return self._feedback_answer(negative, removed, already=False)
@@ -366,6 +358,24 @@ class CacheService:
 
     def close(self) -> None:
         self.store.close()
+
+
+def _negative(owner: str, entry_id: str, served: ServedHit | None,
+              row: Mapping[str, Any] | None, **fields: Any) -> Negative:
+    """The report as a negative: the pair from the hit that was served (by request id,
+    or the entry's newest hit), else the entry alone ("unserved": no query to pair)."""
+    if served is not None:
+        return Negative(tenant=owner, namespace=served.namespace, entry_id=entry_id,
+                        match=served.match, query=served.query, query_hash=served.query_hash,
+                        cached_prompt=served.cached_prompt, cached_hash=served.cached_hash,
+                        similarity=served.similarity, verifier_score=served.verifier_score,
+                        created_at=fields.pop("now"), **fields)
+    assert row is not None
+    prompt = str(row["prompt"])
+    return Negative(tenant=owner, namespace=str(row["namespace"]), entry_id=entry_id,
+                    match="unserved", query="", query_hash="", cached_prompt=prompt,
+                    cached_hash=str(row.get("prompt_hash") or prompt_hash(prompt)),
+                    created_at=fields.pop("now"), **fields)
 
 
 def _rounded(value: float | None) -> float | None:
