@@ -27,7 +27,7 @@ export RAY_AUTH_TOKEN_PATH ?= $(abspath $(DATA_DIR))/secrets/ray_auth_token
 PG_SERVER_GLOB := /usr/lib/postgresql/*/bin/postgres
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup models train-router run cluster-up test test-unit bench bench-load lint clean postgres-server chromium
+.PHONY: setup models train-router train-cache-verifier run cluster-up test test-unit bench bench-load lint clean postgres-server chromium
 
 setup: $(STAMP)
 
@@ -57,6 +57,13 @@ models: setup
 train-router: setup
 	$(PY) -m training.train_router --data-dir $(SHARED_DATA) \
 		--out models/router/complexity-v1.json $(if $(FULL),--full,)
+
+# Retrain the cache's pair verifier from $(SHARED_DATA)/cache (about 1.5 min on 2 cores, plus
+# ~80 s embedding the first time). Writes models/cache/verifier-v1.json with its data
+# fingerprint and nested cross-validated metrics; commit it. Serving never needs the data.
+train-cache-verifier: setup
+	$(PY) -m training.train_cache_verifier --data-dir $(SHARED_DATA) \
+		--out models/cache/verifier-v1.json
 
 run: models
 	$(PY) -m deployments.launch $(CONFIG)

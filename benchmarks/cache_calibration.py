@@ -7,22 +7,10 @@ Real embeddings (all-MiniLM-L6-v2, as the Embedder serves them) of the pairs in
 <data-dir>/cache/. A pair is a cached prompt and a new query; a *hit* is served when the
 cosine similarity reaches the threshold (and, with the guard, the guard passes).
 
-Pair families and labels ("same" = the cached answer is right for the query):
-- gptcache_paraphrase   GPTCache's mock data, origin vs similar: all same.
-- stsb, sts2016_qq      graded 0-5. >= 4 ("mostly equivalent, only unimportant details
-                        differ") is same; <= 3 ("roughly equivalent but important
-                        information differs", or less) is different: a cached answer
-                        to a question that differs in important information is a wrong
-                        answer. Scores strictly between 3 and 4 are left out as ambiguous.
-- gptcache_nearest      each GPTCache origin with its nearest *other* origin: different.
-                        GPTCache's origins contain near-copies of one another, so pairs
-                        whose content words overlap by Jaccard >= 0.6 are left out (label
-                        noise, not hard negatives).
-- synth_*               variants of real questions and sentences (STS 2016 questions, STS-B
-                        sentences) made different on purpose: negated, a number changed, a
-                        name replaced by another name from the data, two words swapped
-                        around a relation word, the question word changed, a word replaced
-                        by its antonym (from a list written here, broader than the guard's).
+Pair families and labels: training/cache_pairs.py (GPTCache paraphrases, STS-B and STS 2016
+question pairs graded >= 4 same / <= 3 different, each GPTCache origin with its nearest
+other origin, and synthetic near-misses: negated, renumbered, renamed, swapped, another
+question word, an antonym).
 
 Metrics per family: recall (share of same-pairs served, i.e. the hit rate on repeats)
 and false-hit rate (share of different-pairs served). Families are averaged with equal
@@ -41,15 +29,10 @@ Writes benchmarks/results/cache_calibration.json.
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
-import json
 import random
-import re
 import time
-from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -57,227 +40,21 @@ import numpy as np
 
 from benchmarks.common import percentile, write_result
 from serve_app.cache.guard import PairGuard, analyze
-from serve_app.cache.policy import normalize_prompt, query_text
+from serve_app.cache.policy import normalize_prompt
 from serve_app.settings import PROJECT_ROOT
+from training.cache_pairs import (
+    NEAR_COPY_JACCARD,
+    Pair,
+    load_natural_pairs,
+    nearest_other_pairs,
+    served_metrics,
+    synthetic_bases,
+    synthetic_pairs,
+)
 
 THRESHOLDS = [round(0.6 + 0.005 * i, 3) for i in range(80)]  # 0.600 .. 0.995
 BASELINE_THRESHOLD = 0.8
-SYNTH_PER_FAMILY = 400
-NEAR_COPY_JACCARD = 0.6
-_WORD = re.compile(r"[A-Za-z0-9]+")
-_STOP = frozenset("""a an the of to in on at for with by and or is are was were be been do
-does did i you it this that what which how why when where who can could should would will
-my your its their our from as into about""".split())
 
-
-@dataclass(frozen=True)
-class Pair:
-    family: str
-    same: bool
-    cached: str
-    query: str
-    anchor: str
-
-
-# ---- data ------------------------------------------------------------------------------
-
-def load_natural_pairs(cache_dir: Path, same_min: float, different_max: float) -> list[Pair]:
-    pairs: list[Pair] = []
-    with (cache_dir / "gptcache_mock_paraphrases.jsonl").open() as handle:
-        for line in handle:
-            row = json.loads(line)
-            pairs.append(Pair("gptcache_paraphrase", True, _clean(row["origin"]),
-                              _clean(row["similar"]), row["origin"]))
-    for name, family, first, second in (
-            ("stsb_dev.csv", "stsb", "sentence1", "sentence2"),
-            ("sts2016_question_question.csv", "sts2016_qq", "question1", "question2")):
-        with (cache_dir / name).open(newline="") as handle:
-            for row in csv.DictReader(handle):
-                score = float(row["score"])
-                if different_max < score < same_min:
-                    continue
-                same = score >= same_min
-                pairs.append(Pair(f"{family}_{'same' if same else 'different'}", same,
-                                  _clean(row[first]), _clean(row[second]), row[first]))
-    return pairs
-
-
-def nearest_other_pairs(origins: list[str], vectors: dict[str, np.ndarray]) -> list[Pair]:
-    unique = sorted(set(origins))
-    matrix = np.stack([vectors[text] for text in unique])
-    similarity = matrix @ matrix.T
-    np.fill_diagonal(similarity, -1.0)
-    pairs = []
-    for index, text in enumerate(unique):
-        for other in np.argsort(-similarity[index])[:3]:
-            candidate = unique[int(other)]
-            if normalize_prompt(candidate) == normalize_prompt(text):
-                continue
-            if jaccard(text, candidate) >= NEAR_COPY_JACCARD:
-                continue
-            pairs.append(Pair("gptcache_nearest", False, candidate, text, text))
-            break
-    return pairs
-
-
-def jaccard(a: str, b: str) -> float:
-    wa = {w.lower() for w in _WORD.findall(a)} - _STOP
-    wb = {w.lower() for w in _WORD.findall(b)} - _STOP
-    return len(wa & wb) / max(1, len(wa | wb))
-
-
-def _clean(text: str) -> str:
-    return query_text(text)
-
-
-# ---- synthetic hard negatives --------------------------------------------------------------
-
-_NEGATE = {"is": "isn't", "are": "aren't", "was": "wasn't", "were": "weren't", "do": "don't",
-           "does": "doesn't", "did": "didn't", "can": "can't", "could": "couldn't",
-           "should": "shouldn't", "would": "wouldn't", "will": "won't", "has": "hasn't",
-           "have": "haven't", "must": "mustn't"}
-_AUX = re.compile(r"\b(" + "|".join(_NEGATE) + r")\b", re.IGNORECASE)
-_NEGATED = re.compile(r"\b(\w+)n't\b|\s+not\b|\s+never\b", re.IGNORECASE)
-_DIGITS = re.compile(r"\b\d+(?:\.\d+)?\b")
-_NUMBER_WORDS = ["two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-                 "twelve", "twenty", "fifty", "hundred"]
-_NUMBER_WORD = re.compile(r"\b(" + "|".join(_NUMBER_WORDS) + r")\b", re.IGNORECASE)
-_MID_NAME = re.compile(r"(?<=[a-z,] )([A-Z][a-z]{2,})\b")
-# Not "and", "or", "vs": "cats and dogs" / "dogs and cats" ask the same thing.
-_RELATION = re.compile(r"\b([a-z]{3,})( (?:to|into|than|from|with|over|for|by|on|in) "
-                       r"(?:(?:the|a|an|my|your|his|her) )?)([a-z]{3,})\b")
-_SUBJECT_OBJECT = re.compile(r"^(An?|The) (\w+) (is|are) (\w+ing) (a|an|the) (\w+)")
-# Only between question words that ask for different things and keep the question
-# grammatical ("What is the best way" -> "Who is the best way" is no one's question).
-_QUESTION_WORDS = {"when": "where", "where": "when", "who": "where", "why": "how",
-                   "how": "why"}
-_QUESTION_START = re.compile(r"^(When|Where|Who|Why|How)\b(?! (?:many|much|long|old|far|often))")
-# Written for this benchmark, broader than the guard's list, so the antonym family also
-# shows what the guard misses.
-_ANTONYMS = [("good", "bad"), ("best", "worst"), ("better", "worse"), ("cheap", "expensive"),
-             ("fast", "slow"), ("faster", "slower"), ("big", "small"), ("large", "small"),
-             ("high", "low"), ("higher", "lower"), ("hot", "cold"), ("old", "new"),
-             ("young", "old"), ("happy", "sad"), ("rich", "poor"), ("hard", "soft"),
-             ("clean", "dirty"), ("full", "empty"), ("thick", "thin"), ("deep", "shallow"),
-             ("loud", "quiet"), ("wide", "narrow"), ("safe", "dangerous"), ("easy", "hard"),
-             ("increase", "decrease"), ("more", "less"), ("most", "least"),
-             ("always", "rarely"), ("before", "after"), ("start", "stop"), ("open", "close"),
-             ("buy", "sell"), ("win", "lose"), ("remember", "forget"), ("accept", "refuse"),
-             ("add", "remove"), ("up", "down"), ("inside", "outside"), ("first", "last"),
-             ("long", "short"), ("heavy", "light"), ("strong", "weak"), ("early", "late"),
-             ("man", "woman"), ("boy", "girl"), ("black", "white"), ("dark", "bright"),
-             ("wet", "dry"), ("true", "false"), ("right", "wrong"), ("legal", "illegal"),
-             ("love", "hate"), ("push", "pull"), ("enter", "leave"), ("north", "south")]
-_ANTONYM = {a: b for a, b in _ANTONYMS} | {b: a for a, b in _ANTONYMS}
-
-
-def negate(text: str, rng: random.Random) -> str | None:
-    if _NEGATED.search(text):
-        changed = _NEGATED.sub(lambda m: (" " + m.group(1)) if m.group(1) else "", text, 1)
-        return changed.strip() if changed != text else None
-    match = _AUX.search(text)
-    if not match:
-        return None
-    word = match.group(1)
-    negated = _NEGATE[word.lower()]
-    negated = negated[0].upper() + negated[1:] if word[0].isupper() else negated
-    return text[:match.start()] + negated + text[match.end():]
-
-
-def change_number(text: str, rng: random.Random) -> str | None:
-    match = _DIGITS.search(text)
-    if match:
-        raw = match.group(0)
-        if "." in raw:
-            value = f"{float(raw) + rng.choice([0.5, 1.5, 2.0]):g}"
-        else:
-            number = int(raw)
-            value = str(number + rng.choice([1, 2, 3]) if 1800 <= number <= 2100
-                        else number * 2 + rng.choice([1, 3]))
-        return text[:match.start()] + value + text[match.end():]
-    match = _NUMBER_WORD.search(text)
-    if match:
-        options = [w for w in _NUMBER_WORDS if w != match.group(1).lower()]
-        return text[:match.start()] + rng.choice(options) + text[match.end():]
-    return None
-
-
-def swap_name(text: str, rng: random.Random, names: Sequence[str]) -> str | None:
-    found = _MID_NAME.findall(text)
-    if not found:
-        return None
-    name = rng.choice(found)
-    options = [n for n in names if n.lower() != name.lower()]
-    return re.sub(rf"\b{re.escape(name)}\b", rng.choice(options), text, count=1)
-
-
-def swap_order(text: str, rng: random.Random) -> str | None:
-    match = _SUBJECT_OBJECT.match(text)
-    if match and match.group(2).lower() != match.group(6).lower():
-        det, subject, verb, action, det2, obj = match.groups()
-        return f"{det} {obj} {verb} {action} {det2} {subject}" + text[match.end():]
-    candidates = [m for m in _RELATION.finditer(text)
-                  if m.group(1) not in _STOP and m.group(3) not in _STOP
-                  and m.group(1) != m.group(3)]
-    if not candidates:
-        return None
-    match = rng.choice(candidates)
-    return (text[:match.start()] + match.group(3) + match.group(2) + match.group(1)
-            + text[match.end():])
-
-
-def change_question_word(text: str, rng: random.Random) -> str | None:
-    match = _QUESTION_START.match(text)
-    if not match:
-        return None
-    replacement = _QUESTION_WORDS[match.group(1).lower()]
-    return replacement.capitalize() + text[match.end():]
-
-
-def antonym(text: str, rng: random.Random) -> str | None:
-    present = set(re.findall(r"\b[a-z]+\b", text.lower()))
-    words = [m for m in re.finditer(r"\b[a-z]+\b", text)
-             if m.group(0) in _ANTONYM and _ANTONYM[m.group(0)] not in present]
-    if not words:
-        return None
-    match = rng.choice(words)
-    return text[:match.start()] + _ANTONYM[match.group(0)] + text[match.end():]
-
-
-def synthetic_pairs(bases: list[str], rng: random.Random) -> list[Pair]:
-    names = sorted({n for text in bases for n in _MID_NAME.findall(text)})
-    makers: dict[str, Callable[[str], str | None]] = {
-        "synth_negation": lambda t: negate(t, rng),
-        "synth_number": lambda t: change_number(t, rng),
-        "synth_name": lambda t: swap_name(t, rng, names),
-        "synth_order": lambda t: swap_order(t, rng),
-        "synth_question_word": lambda t: change_question_word(t, rng),
-        "synth_antonym": lambda t: antonym(t, rng),
-    }
-    pairs = []
-    for family, make in makers.items():
-        made = []
-        for text in bases:
-            variant = make(text)
-            if variant and normalize_prompt(variant) != normalize_prompt(text):
-                made.append(Pair(family, False, text, variant, text))
-        rng.shuffle(made)
-        pairs.extend(made[:SYNTH_PER_FAMILY])
-    return pairs
-
-
-def synthetic_bases(cache_dir: Path) -> list[str]:
-    texts: set[str] = set()
-    with (cache_dir / "sts2016_question_question.csv").open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            texts.update((_clean(row["question1"]), _clean(row["question2"])))
-    with (cache_dir / "stsb_dev.csv").open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            texts.update(_clean(row[key]) for key in ("sentence1", "sentence2"))
-    return sorted(t for t in texts if 3 <= len(t.split()) <= 25)
-
-
-# ---- evaluation ----------------------------------------------------------------------------
 
 def split_of(anchor: str, seed: int) -> str:
     digest = hashlib.sha256(f"{seed}:{anchor}".encode()).digest()
@@ -289,34 +66,7 @@ def metrics_at(pairs: list[Pair], cosine: np.ndarray, guard_ok: np.ndarray | Non
     served = cosine >= threshold
     if guard_ok is not None:
         served = served & guard_ok
-    families: dict[str, list[int]] = defaultdict(list)
-    for index, pair in enumerate(pairs):
-        families[pair.family].append(index)
-    per_family = {}
-    recalls, false_hits = [], []
-    for family, indexes in sorted(families.items()):
-        rate = float(served[indexes].mean())
-        same = pairs[indexes[0]].same
-        per_family[family] = {"pairs": len(indexes),
-                              ("recall" if same else "false_hit_rate"): round(rate, 4)}
-        (recalls if same else false_hits).append(rate)
-    labels = np.array([p.same for p in pairs])
-    tp = int((served & labels).sum())
-    fp = int((served & ~labels).sum())
-    natural = [v["false_hit_rate"] for f, v in per_family.items()
-               if "false_hit_rate" in v and not f.startswith("synth_")]
-    synthetic = [v["false_hit_rate"] for f, v in per_family.items()
-                 if "false_hit_rate" in v and f.startswith("synth_")]
-    return {
-        "threshold": threshold,
-        "recall": round(float(np.mean(recalls)), 4),
-        "false_hit_rate": round(float(np.mean(false_hits)), 4),
-        "false_hit_rate_natural": round(float(np.mean(natural)), 4),
-        "false_hit_rate_synthetic": round(float(np.mean(synthetic)), 4),
-        "precision": round(tp / (tp + fp), 4) if tp + fp else 1.0,
-        "served_pairs": tp + fp, "true_hits": tp, "false_hits": fp,
-        "families": per_family,
-    }
+    return {"threshold": threshold, **served_metrics(pairs, served)}
 
 
 def choose_threshold(pairs: list[Pair], cosine: np.ndarray, guard_ok: np.ndarray | None,

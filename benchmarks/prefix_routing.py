@@ -122,6 +122,7 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=96)
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--result-name", default="prefix_routing")
     args = parser.parse_args()
     os.environ.setdefault("LLMSTACK_LOG_TO_DRIVER", "0")
     from deployments.launch import shutdown_cluster, start_ray
@@ -144,7 +145,7 @@ def main() -> int:
         print(traceback.format_exc(), file=sys.stderr)
     finally:
         shutdown_cluster()
-    write_result("prefix_routing", {**outcome, "runs": runs,
+    write_result(args.result_name, {**outcome, "runs": runs,
                                     "requests": args.requests,
                                     "concurrency": args.concurrency})
     return 0 if outcome["llm_server_on_vllm_cpu"] != "failed" else 1

@@ -19,6 +19,8 @@ import time
 # module -> quick arguments (the order is the order they run in)
 QUICK: dict[str, list[str]] = {
     "cache_calibration": [],
+    "cache_verifier": ["--repeats", "1", "--latency-queries", "100", "--latency-rounds", "1",
+                       "--result-name", "cache_verifier_quick"],
     "cache_store_latency": ["--sizes", "5000", "--lookups", "50"],
     "router_benchmark": [],
     "router_loso": ["--max-per-source", "60", "--bootstrap", "50",
@@ -32,6 +34,7 @@ QUICK: dict[str, list[str]] = {
     "rag_http_latency": ["--synthetic-chunks", "5000", "--queries", "20"],
     "bfcl_benchmark": ["--limit", "5", "--result-name", "bfcl_quick"],
     "gateway_vs_litellm": ["--quick", "--result-name", "gateway_vs_litellm_quick"],
+    "prefix_routing": ["--requests", "24", "--result-name", "prefix_routing_quick"],
     "load": ["--phases", "4:10", "8:15", "--kill-worker-at", "12",
              "--result-name", "load_quick"],
 }

@@ -227,10 +227,13 @@ class CacheClient:
         self._savings_sent = clock()
 
     async def lookup(self, tenant: str, decision: dict[str, Any],
-                     vector: list[float] | None, exact_only: bool = False) -> dict[str, Any]:
+                     vector: list[float] | None, exact_only: bool = False,
+                     request_id: str | None = None) -> dict[str, Any]:
+        """`request_id`: the server's id; the cache remembers the hit under it, so the
+        answer can be reported wrong by that id (POST /v1/cache/feedback)."""
         try:
             return await call_handle(
-                self.handle.lookup.remote(tenant, decision, vector, exact_only),
+                self.handle.lookup.remote(tenant, decision, vector, exact_only, request_id),
                 self.timeout_s, "The semantic cache", "cache_unavailable")
         except ApiError as error:  # a failing cache is a miss, never the request's failure
             logger.warning("cache lookup failed (%s); serving as a miss", error.message)

@@ -32,17 +32,18 @@ class SemanticCache:
         stack = StackAppSettings.model_validate(settings)
         self.settings = stack.cache
         self.service = CacheService(self.settings, cache_uri(self.settings, stack.data_dir),
-                                    metrics=RayCacheMetrics())
+                                    metrics=RayCacheMetrics(), data_dir=stack.data_dir)
         self._task: asyncio.Task[None] | None = None
         self._start_background()
 
     # ---- request path (the Gateway) --------------------------------------------------
 
     async def lookup(self, tenant: str, decision: dict[str, Any],
-                     vector: list[float] | None, exact_only: bool = False) -> dict[str, Any]:
+                     vector: list[float] | None, exact_only: bool = False,
+                     request_id: str | None = None) -> dict[str, Any]:
         self._start_background()
         return await asyncio.to_thread(self.service.lookup, tenant, decision, vector,
-                                       exact_only)
+                                       exact_only, request_id)
 
     async def store(self, tenant: str, decision: dict[str, Any], vector: list[float] | None,
                     completion: dict[str, Any], source_ids: list[str] | None = None,
@@ -59,6 +60,18 @@ class SemanticCache:
     async def invalidate(self, kind: str, value: str | None = None,
                          tenant: str | None = None) -> dict[str, Any]:
         return await asyncio.to_thread(self.service.invalidate, kind, value, tenant)
+
+    async def mark_wrong(self, principal: dict[str, Any], request_id: str | None = None,
+                         entry_id: str | None = None,
+                         reason: str | None = None) -> dict[str, Any]:
+        return await asyncio.to_thread(self.service.mark_wrong, principal, request_id,
+                                       entry_id, reason)
+
+    async def feedback_summary(self, tenant: str) -> dict[str, Any]:
+        return await asyncio.to_thread(self.service.feedback_summary, tenant)
+
+    async def reset_feedback(self, tenant: str, namespace: str | None = None) -> dict[str, Any]:
+        return await asyncio.to_thread(self.service.reset_feedback, tenant, namespace)
 
     async def stats(self) -> dict[str, Any]:
         return await asyncio.to_thread(self.service.stats)
@@ -85,7 +98,7 @@ class SemanticCache:
         while True:
             await asyncio.sleep(self.settings.flush_interval_s)
             try:
-                if self.service.store.pending_inserts:  # hit counts: at maintenance
+                if self.service.pending_writes:  # hit counts: at maintenance
                     await asyncio.to_thread(self.service.flush, hits=False)
                 if time.monotonic() - last_maintenance >= self.settings.maintenance_interval_s:
                     last_maintenance = time.monotonic()

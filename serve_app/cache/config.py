@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -13,9 +14,34 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 # benchmarks/results/cache_calibration.json, "chosen" -> "guard", has its held-out
 # precision, recall and false-hit rates. Without the guard no threshold meets the target.
 CALIBRATED_THRESHOLD = 0.925
+# Trained by `python -m training.train_cache_verifier` (models/cache/verifier-v1.json has its
+# data fingerprint and cross-validated metrics): at <= 2% false hits it serves 47% of the
+# repeated questions the guard alone serves 32% of.
+DEFAULT_VERIFIER_FILE = "models/cache/verifier-v1.json"
+SHIPPED_ROOT = Path(__file__).resolve().parents[2]
 NAMESPACE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
 DEFAULT_NAMESPACE = "default"
 _NAMESPACE = re.compile(NAMESPACE_PATTERN)
+
+
+class CacheFeedbackSettings(BaseModel):
+    """How confirmed-wrong hits (POST /v1/cache/feedback) move a tenant's threshold in a
+    namespace (serve_app/cache/feedback.py, `learned_threshold`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_count: int = Field(
+        3, ge=1, description="Distinct confirmed-wrong semantic hits a (tenant, namespace) "
+        "needs before its threshold moves: one mistaken report moves nothing.")
+    margin: float = Field(
+        0.005, ge=0, le=0.1, description="The threshold rises this far above the "
+        "similarity that `min_count` confirmed-wrong hits reached.")
+    max_threshold: float = Field(
+        0.98, gt=0, le=1, description="Feedback never raises a threshold above this (exact "
+        "repeats still hit at any threshold).")
+    served_retention_s: float = Field(
+        7 * 86_400.0, gt=0, description="How long served hits are remembered by request id "
+        "(x-llmstack-request-id), so they can be reported; older ones by entry id only.")
 
 
 class CacheSettings(BaseModel):
@@ -35,6 +61,23 @@ class CacheSettings(BaseModel):
     guard_short_text_tokens: int = Field(
         20, ge=1, description="Prompts up to this many words count as fully specified "
         "questions: one extra number or name already makes them different.")
+    verifier: bool = Field(
+        True, description="Score the nearest guard-passing candidates with the learned pair "
+        "verifier (serve_app/cache/verifier.py) and serve one only when its score reaches "
+        "the cutoff; candidates need the verifier's own minimum similarity (0.80) instead of "
+        "similarity_threshold. Needs the guard (with guard off the plain threshold decides). "
+        "On because it meets the target: models/cache/verifier-v1.json, 'metrics'.")
+    verifier_model: Path = Field(
+        Path(DEFAULT_VERIFIER_FILE), description="File written by `python -m "
+        "training.train_cache_verifier`. A relative path is looked up under data_dir first, "
+        "then in the repository, which ships the default.")
+    verifier_cutoff: float | None = Field(
+        None, ge=0, le=1, description="Override the file's cutoff (higher: fewer and safer "
+        "hits).")
+    verifier_candidates: int = Field(
+        3, ge=1, le=100, description="Guard-passing candidates, nearest first, the verifier "
+        "scores per lookup; the best-scoring one is served if it reaches the cutoff.")
+    feedback: CacheFeedbackSettings = CacheFeedbackSettings()
     default_ttl_s: float | None = Field(
         86_400.0, gt=0, description="Entry lifetime; null: entries never expire.")
     namespace_ttl_s: dict[str, float | None] = Field(
@@ -115,6 +158,20 @@ class CacheSettings(BaseModel):
 
     def threshold_for(self, namespace: str) -> float:
         return self.namespace_thresholds.get(namespace, self.similarity_threshold)
+
+    @property
+    def uses_verifier(self) -> bool:
+        return self.verifier and self.guard
+
+    def verifier_path(self, data_dir: Path | str | None) -> Path:
+        path = self.verifier_model
+        if path.is_absolute():
+            return path
+        shipped = SHIPPED_ROOT / path
+        if data_dir is None:
+            return shipped
+        trained_here = Path(data_dir) / path
+        return trained_here if trained_here.is_file() or not shipped.is_file() else shipped
 
     def ttl_for(self, namespace: str) -> float | None:
         if namespace in self.namespace_ttl_s:

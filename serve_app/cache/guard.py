@@ -81,6 +81,8 @@ _STOPWORDS = frozenset({
     "there", "what", "which", "who", "how", "why", "when", "where", "can", "could",
     "should", "would", "will", "to", "from", "as", "so", "if", "not", "no", "there",
 })
+STOPWORDS = _STOPWORDS  # function words; the pair verifier compares the other words
+
 _NO_STEM = frozenset({"does", "goes", "yes", "thus", "plus", "news", "always", "perhaps",
                       "series", "species", "whereas"})
 _SKIP_AFTER_PREPOSITION = frozenset({
@@ -362,6 +364,11 @@ def _check_entities(a: TextFeatures, b: TextFeatures, short: bool) -> str | None
     if (only_a and only_b) or (short and (only_a or only_b)):
         return f"{', '.join(only_a[:3]) or '-'} vs {', '.join(only_b[:3]) or '-'}"
     return None
+
+
+def entity_present(entity: str, other: TextFeatures) -> bool:
+    """An entity of one text found in the other (the pair verifier counts the rest)."""
+    return _present(entity, other)
 
 
 def _present(entity: str, other: TextFeatures) -> bool:

@@ -96,6 +96,12 @@ class MemoryIndex:
 
     # ---- reads -----------------------------------------------------------------------
 
+    def get(self, entry_id: str) -> dict[str, Any] | None:
+        """A copy of the entry's row (live or expired), None when it is not here."""
+        with self._lock:
+            row = self._rows.get(entry_id)
+            return dict(row) if row is not None else None
+
     def exact(self, tenant: str, scope_key: str, prompt_hash: str,
               now: float) -> dict[str, Any] | None:
         with self._lock:

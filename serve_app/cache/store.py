@@ -38,6 +38,7 @@ from lancedb.expr import Expr, col, lit
 from lancedb.index import BTree, HnswSq, IvfFlat
 
 from serve_app.cache.memory_index import MemoryIndex
+from serve_app.cache.verifier import VerifierGate
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +70,9 @@ def cache_schema(dim: int) -> pa.Schema:
     ])
 
 
-_RESULT_COLUMNS = ["id", "prompt", "answer", "model", "requested_model", "tier", "namespace",
-                   "created_at", "expires_at", "hit_count", "source_ids"]
+_RESULT_COLUMNS = ["id", "prompt", "prompt_hash", "answer", "model", "requested_model", "tier",
+                   "namespace", "created_at", "expires_at", "hit_count", "source_ids",
+                   "tenant"]
 
 
 @dataclass
@@ -117,6 +119,8 @@ class CacheHit:
     expires_at: float
     hit_count: int
     source_ids: tuple[str, ...]
+    prompt_hash: str = ""
+    verifier_score: float | None = None  # the verifier's score, when it decided
 
     def completion(self) -> dict[str, Any]:
         return json.loads(self.answer)
@@ -126,11 +130,15 @@ class CacheHit:
 class LookupOutcome:
     hit: CacheHit | None
     best_similarity: float | None = None  # of the nearest candidate, hit or not
-    rejected: str | None = None  # miss reason: "empty", "below_threshold", "guard:<check>"
+    rejected: str | None = None  # miss reason: "empty", "below_threshold",
+    # "guard:<check>", "verifier", "feedback"
     candidates: int = 0
+    verifier_score: float | None = None  # the best score the verifier gave
 
 
 GuardFn = Callable[[str, str], Any]  # (query, cached prompt) -> object with .ok, .reason
+BlockedFn = Callable[[dict[str, Any]], bool]  # a candidate row reported wrong for this query
+
 
 
 class CacheStore:
@@ -181,15 +189,19 @@ class CacheStore:
     def lookup(self, *, tenant: str, scope_key: str, prompt_hash: str,
                vector: Sequence[float] | np.ndarray | None, threshold: float, now: float,
                query_text: str = "", guard: GuardFn | None = None,
-               semantic: bool = True) -> LookupOutcome:
+               semantic: bool = True, verifier: VerifierGate | None = None,
+               blocked: BlockedFn | None = None) -> LookupOutcome:
         """Exact normalised-prompt match first, then the nearest entries by cosine.
 
         Only live entries (expires_at > now) of this tenant and scope are candidates. A
-        semantic candidate must reach `threshold` and pass `guard(query_text, prompt)`.
+        semantic candidate must reach `threshold`, not be `blocked` (reported wrong for
+        this query) and pass `guard(query_text, prompt)`; with a `verifier`, the first
+        few such candidates are scored and the best is served if its score is enough.
         """
+        match = _Matcher(threshold, query_text, guard, verifier, blocked)
         if self._memory is not None:
-            return self._lookup_in_memory(tenant, scope_key, prompt_hash, vector, threshold,
-                                          now, query_text, guard, semantic)
+            return self._lookup_in_memory(tenant, scope_key, prompt_hash, vector, now,
+                                          semantic, match)
         scope = ((col("tenant") == lit(tenant)) & (col("scope_key") == lit(scope_key))
                  & (col("expires_at") > lit(float(now))))
         buffered = self._buffered(tenant, scope_key, now)
@@ -215,12 +227,11 @@ class CacheStore:
         for entry in buffered:
             scored[entry.id] = (float(np.dot(query, entry.vector)), entry.row())
         ranked = sorted(scored.values(), key=lambda item: -item[0])
-        return _best(ranked, threshold, query_text, guard)
+        return match.best(ranked)
 
     def _lookup_in_memory(self, tenant: str, scope_key: str, prompt_hash: str,
-                          vector: Sequence[float] | np.ndarray | None, threshold: float,
-                          now: float, query_text: str, guard: GuardFn | None,
-                          semantic: bool) -> LookupOutcome:
+                          vector: Sequence[float] | np.ndarray | None, now: float,
+                          semantic: bool, match: "_Matcher") -> LookupOutcome:
         assert self._memory is not None
         if prompt_hash:
             row = self._memory.exact(tenant, scope_key, prompt_hash, now)
@@ -230,7 +241,19 @@ class CacheStore:
             return LookupOutcome(None, None, "no_exact_match", 0)
         ranked = self._memory.nearest(tenant, scope_key, self._unit(vector), now,
                                       self.search_candidates)
-        return _best(ranked, threshold, query_text, guard)
+        return match.best(ranked)
+
+    def get(self, entry_id: str) -> dict[str, Any] | None:
+        """One entry's row without its vector (live or expired), None when it is gone."""
+        if self._memory is not None:  # the mirror holds every row, buffered ones too
+            return self._memory.get(entry_id)
+        with self._buffer_lock:
+            buffered = [e for e in (*self._flushing, *self._pending) if e.id == entry_id]
+        if buffered:
+            return {k: v for k, v in buffered[0].row().items() if k != "vector"}
+        rows = (self._table.search().where(col("id") == lit(entry_id))
+                .select([*_RESULT_COLUMNS, "scope_key"]).limit(1).to_list())
+        return rows[0] if rows else None
 
     def _buffered(self, tenant: str, scope_key: str, now: float) -> list[CacheEntry]:
         with self._buffer_lock:
@@ -489,33 +512,61 @@ def _invalidation_filter(kind: str, value: str | None, tenant: str | None) -> st
     return " AND ".join(f"({part})" for part in parts) or "true"
 
 
-def _best(ranked: list[tuple[float, dict[str, Any]]], threshold: float, query_text: str,
-          guard: GuardFn | None) -> LookupOutcome:
-    """The first candidate, best first, that reaches the threshold and passes the guard."""
-    if not ranked:
-        return LookupOutcome(None, None, "empty", 0)
-    rejected = "below_threshold"
-    for similarity, row in ranked:
-        if similarity < threshold:
-            break
-        if guard is not None:
-            verdict = guard(query_text, row["prompt"])
-            if not verdict.ok:
-                rejected = f"guard:{verdict.reason}"
+@dataclass(frozen=True)
+class _Matcher:
+    """Which of the ranked candidates (best cosine first) a lookup serves."""
+
+    threshold: float
+    query_text: str
+    guard: GuardFn | None
+    verifier: VerifierGate | None
+    blocked: BlockedFn | None
+
+    def best(self, ranked: list[tuple[float, dict[str, Any]]]) -> LookupOutcome:
+        if not ranked:
+            return LookupOutcome(None, None, "empty", 0)
+        nearest = ranked[0][0]
+        rejected = "below_threshold"
+        passed: list[tuple[float, dict[str, Any]]] = []
+        for similarity, row in ranked:
+            if similarity < self.threshold:
+                break
+            if self.blocked is not None and self.blocked(row):
+                rejected = "feedback"
                 continue
-        hit = _hit_from_row(row, min(similarity, 1.0), "semantic")
-        return LookupOutcome(hit, ranked[0][0], None, len(ranked))
-    return LookupOutcome(None, ranked[0][0], rejected, len(ranked))
+            if self.guard is not None:
+                verdict = self.guard(self.query_text, row["prompt"])
+                if not verdict.ok:
+                    rejected = f"guard:{verdict.reason}"
+                    continue
+            if self.verifier is None:
+                hit = _hit_from_row(row, min(similarity, 1.0), "semantic")
+                return LookupOutcome(hit, nearest, None, len(ranked))
+            passed.append((similarity, row))
+            if len(passed) >= self.verifier.candidates:
+                break
+        if not passed:
+            return LookupOutcome(None, nearest, rejected, len(ranked))
+        assert self.verifier is not None
+        choice, score = self.verifier.pick(
+            self.query_text, [(row["prompt"], similarity) for similarity, row in passed])
+        if choice is None:
+            return LookupOutcome(None, nearest, "verifier", len(ranked), score)
+        similarity, row = passed[choice]
+        hit = _hit_from_row(row, min(similarity, 1.0), "semantic", score)
+        return LookupOutcome(hit, nearest, None, len(ranked), score)
 
 
 def _sql(expr: Expr) -> str:
     return expr.to_sql()
 
 
-def _hit_from_row(row: dict[str, Any], similarity: float, match: str) -> CacheHit:
+def _hit_from_row(row: dict[str, Any], similarity: float, match: str,
+                  verifier_score: float | None = None) -> CacheHit:
     return CacheHit(entry_id=row["id"], similarity=similarity, match=match,
                     prompt=row["prompt"], answer=row["answer"], model=row["model"],
                     tier=row.get("tier") or "", namespace=row["namespace"],
                     created_at=float(row["created_at"]), expires_at=float(row["expires_at"]),
                     hit_count=int(row.get("hit_count") or 0),
-                    source_ids=tuple(row.get("source_ids") or ()))
+                    source_ids=tuple(row.get("source_ids") or ()),
+                    prompt_hash=row.get("prompt_hash") or "", verifier_score=verifier_score)

@@ -23,7 +23,8 @@ Embed = Callable[[list[str]], Awaitable[list[list[float]]]]
 
 class CachePort(Protocol):
     async def lookup(self, tenant: str, decision: dict[str, Any],
-                     vector: list[float] | None, exact_only: bool = False) -> dict[str, Any]: ...
+                     vector: list[float] | None, exact_only: bool = False,
+                     request_id: str | None = None) -> dict[str, Any]: ...
 
     def store(self, tenant: str, decision: dict[str, Any], vector: list[float] | None,
               completion: dict[str, Any], source_ids: list[str] | None,
@@ -75,7 +76,7 @@ class CacheStage:
             # answered before the query is embedded.
             started = time.perf_counter()
             probe = await self.cache.lookup(ctx.tenant or "", decision.to_dict(), None,
-                                            exact_only=True)
+                                            exact_only=True, request_id=ctx.request_id)
             ctx.stage("cache_exact", started)
             if not is_error_payload(probe) and probe.get("hit"):
                 step.similarity = probe.get("similarity")
@@ -94,7 +95,8 @@ class CacheStage:
             ctx.extra["cache_reason"] = decision.reason
             return step
         started = time.perf_counter()
-        result = await self.cache.lookup(ctx.tenant or "", decision.to_dict(), step.vector)
+        result = await self.cache.lookup(ctx.tenant or "", decision.to_dict(), step.vector,
+                                         request_id=ctx.request_id)
         ctx.stage("cache_lookup", started)
         if is_error_payload(result):
             ctx.cache = "miss"

@@ -217,6 +217,32 @@ def test_invalidation_by_source_document(stack):
     assert ask(stack, "Summarise the travel policy.").headers["x-cache"] == "miss"
 
 
+def test_a_cached_answer_reported_wrong_is_gone_and_the_next_request_misses(stack):
+    ask(stack, "What is the capital of Germany?")
+    time.sleep(0.5)
+    paraphrase = "Which city is the capital of Germany?"
+    hit = ask(stack, paraphrase)
+    assert hit.headers["x-cache"] == "hit", dict(hit.headers)
+    request_id, entry_id = hit.headers["x-llmstack-request-id"], hit.headers["x-cache-entry"]
+    with http_for(stack, "beta") as beta:
+        foreign = beta.post("/v1/cache/feedback", json={"request_id": request_id})
+    assert foreign.status_code == 403, foreign.text
+    assert foreign.json()["error"]["type"] == "permission_error"
+    with http_for(stack) as alpha:
+        unknown = alpha.post("/v1/cache/feedback", json={"request_id": "0" * 32})
+        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == \
+            "cache_hit_not_found"
+        report = alpha.post("/v1/cache/feedback",
+                            json={"request_id": request_id, "reason": "wrong capital"})
+        assert report.status_code == 200, report.text
+        assert report.json()["removed"] is True and report.json()["entry_id"] == entry_id
+        summary = alpha.get("/v1/cache/feedback").json()
+    assert sum(row["negatives"] for row in summary["data"]) >= 1
+    assert _invalidate(stack, kind="id", value=entry_id) == 0  # gone from the table
+    again = ask(stack, paraphrase)
+    assert again.headers["x-cache"] == "miss", dict(again.headers)
+
+
 def test_concurrent_lookups_and_inserts_lose_nothing(stack):
     questions = [f"What is {i} plus {i}?" for i in range(50)]
 

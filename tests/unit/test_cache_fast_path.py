@@ -22,9 +22,9 @@ class InProcessCache:
         self.service = service
         self.lookups: list[bool] = []
 
-    async def lookup(self, tenant, decision, vector, exact_only=False):
+    async def lookup(self, tenant, decision, vector, exact_only=False, request_id=None):
         self.lookups.append(exact_only)
-        return self.service.lookup(tenant, decision, vector, exact_only)
+        return self.service.lookup(tenant, decision, vector, exact_only, request_id)
 
     def store(self, tenant, decision, vector, completion, source_ids, tier):
         self.service.store_answer(tenant, decision, vector, completion,

@@ -164,7 +164,9 @@ def test_ttls_per_request_and_per_namespace(tmp_path, clock):
 
 
 def test_per_namespace_and_per_request_thresholds(tmp_path, clock):
-    service = make_service(tmp_path, clock, namespace_thresholds={"loose": 0.8})
+    """Guard only: the request's threshold, else the namespace's, else the default."""
+    service = make_service(tmp_path, clock, namespace_thresholds={"loose": 0.8},
+                           verifier=False)
     loose = decide(cache={"namespace": "loose"})
     service.store_answer("acme", loose, vector(10), completion())
     query = decide(prompt="Capital of France, please", cache={"namespace": "loose"})
