@@ -209,19 +209,27 @@ def _wait_until(predicate, timeout_s: float, what: str) -> float:
     return time.monotonic() - started
 
 
-def test_gateway_replicas_follow_a_burst_up_and_back_down(multinode):
+def test_a_burst_scales_gateway_replicas_and_cpu_nodes_up_and_back_down(multinode):
+    """Replica autoscaling (target_ongoing_requests) drives node autoscaling: five Gateway
+    replicas do not fit the head and one CPU worker (configs/cluster-local.yaml), so the
+    pending one makes Ray's autoscaler add a CPU worker node, which it removes once idle."""
+    nodes_before = len(multinode.nodes())
     assert _gateway_count(multinode) == 1
     multinode.provider.set_default(Fault(latency_s=2.0))
     try:
-        with _Burst(multinode, concurrency=16) as burst:
-            # 16 requests in flight against target_ongoing_requests 4.
+        with _Burst(multinode, concurrency=24) as burst:
+            # 24 requests in flight against target_ongoing_requests 4.
             _wait_until(lambda: _gateway_count(multinode) > 1, 180,
                         "the Gateway scales above its minimum under the burst")
+            _wait_until(lambda: len(multinode.nodes()) > nodes_before, 240,
+                        "the autoscaler adds a node for the pending Gateway replica")
         assert burst.statuses.count(200) >= len(burst.statuses) * 0.95, burst.statuses
     finally:
         multinode.provider.set_default(None)
     _wait_until(lambda: _gateway_count(multinode) == 1, 240,
                 "the Gateway returns to its minimum after the burst")
+    _wait_until(lambda: len(multinode.nodes()) == nodes_before, 300,
+                "the idle node is removed after the burst")
 
 
 def test_killing_a_cpu_worker_node_loses_no_row_and_serve_recovers(multinode):
