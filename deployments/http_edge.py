@@ -160,7 +160,8 @@ class RequestEdgeMiddleware:
         finally:
             if gate is not None:
                 gate.leave(address, api_key, slot, authenticated=context.key_id is not None
-                           or bool(context.extra.get("admin")))
+                           or bool(context.extra.get("admin")),
+                           undecided=context.status in (503, 504))
             self._complete(context)
 
     @staticmethod

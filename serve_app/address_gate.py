@@ -54,11 +54,14 @@ class AddressGate:
         return None, now
 
     def leave(self, address: str, api_key: str | None, slot: float | None, *,
-              authenticated: bool) -> None:
-        """After the response: an authenticated request gives its slot back."""
-        if not authenticated:
+              authenticated: bool, undecided: bool = False) -> None:
+        """After the response: an authenticated request gives its slot back, and so does
+        one whose key could not be checked (`undecided`: the Quota service was down or
+        late, 503/504). An outage is no evidence against a key; counting it filled a
+        busy address's window and turned the outage into 429s for valid keys."""
+        if not authenticated and not undecided:
             return
-        if api_key:
+        if authenticated and api_key:
             fingerprint = key_fingerprint(api_key)
             self._good_keys[fingerprint] = self.clock() + self.key_ttl_s
             self._good_keys.move_to_end(fingerprint)

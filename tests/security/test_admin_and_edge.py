@@ -128,6 +128,22 @@ def test_authenticated_requests_give_their_slot_back() -> None:
         gate.leave("10.0.0.5", f"sk-new-{i}", slot, authenticated=True)
 
 
+def test_requests_whose_key_could_not_be_checked_give_their_slot_back() -> None:
+    """test_gateway's Quota-kill test caught it: while a shard restarted, valid keys not
+    yet known-good on a gateway got 503s that kept their slots, and the address's next
+    requests were refused 429 as an unauthenticated flood."""
+    gate = AddressGate(3)
+    for _ in range(20):  # the Quota service is down: every answer is a 503
+        wait, slot = gate.enter("10.0.0.7", "sk-valid")
+        assert wait is None
+        gate.leave("10.0.0.7", "sk-valid", slot, authenticated=False, undecided=True)
+    # ...and the key did not become known-good: after 3 refusals the address is cut.
+    for _ in range(3):
+        _, slot = gate.enter("10.0.0.7", "sk-bogus")
+        gate.leave("10.0.0.7", "sk-bogus", slot, authenticated=False)
+    assert gate.enter("10.0.0.7", "sk-valid")[0] is not None
+
+
 @pytest.mark.parametrize("addresses", [1_000, 8_000])
 def test_gate_memory_is_bounded_whatever_the_number_of_addresses(addresses) -> None:
     gate = AddressGate(5, max_addresses=500, max_keys=500)
