@@ -48,6 +48,8 @@ $(STAMP): $(SETUP_INPUTS)
 
 models: setup
 	$(PY) -m serve_app.model_prep --data-dir $(DATA_DIR)
+	# The console's htmx and Chart.js, pinned by version and sha512, from the npm registry.
+	$(PY) -m serve_app.console.vendor
 	# The router's classifier ships in the repository (models/router/); `make train-router`
 	# retrains it from $(SHARED_DATA), which serving and testing never need.
 
@@ -81,7 +83,7 @@ postgres-server:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; \
 	fi
 
-test: models postgres-server
+test: models postgres-server chromium
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 test-unit: setup postgres-server
@@ -95,8 +97,8 @@ bench: models postgres-server chromium
 bench-load: models chromium
 	$(PY) -m benchmarks.load --kill-worker-at 50
 
-# Debian's chromium, for the dashboard screenshots the load benchmark takes (playwright
-# drives it; playwright's own browser download is never used).
+# Debian's chromium, for the console's browser tests and the dashboard screenshots the load
+# benchmark takes (playwright drives it; playwright's own browser download is never used).
 chromium:
 	@if ! command -v chromium >/dev/null 2>&1; then \
 		echo "installing Debian's chromium"; \

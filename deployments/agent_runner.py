@@ -54,6 +54,13 @@ def _port(llm: Any, settings: AgentSettings) -> LLMPort:
     return _Unwired()
 
 
+def _principal(data: dict[str, Any]) -> Principal:
+    principal = Principal.from_wire(data)
+    if principal is None:
+        raise ApiError(401, "This call needs a caller.", code="missing_api_key")
+    return principal
+
+
 def _retrieve(retriever: Any) -> Callable[..., Awaitable[list[dict[str, Any]]]] | None:
     """The retrieve tool over the Retriever deployment: the session owner's collection
     named in the session's metadata (`collection`, default "default")."""
@@ -122,6 +129,14 @@ class AgentRunner:
                     principal: dict[str, Any] | None = None) -> dict[str, Any]:
         return await self.service.audit(session_id, owner=owner,
                                         principal=Principal.from_wire(principal))
+
+    async def list_sessions(self, query: dict[str, Any],
+                            principal: dict[str, Any]) -> list[dict[str, Any]]:
+        return await self.service.list_sessions(_principal(principal), **query)
+
+    async def pending_confirmations(self, principal: dict[str, Any],
+                                    limit: int = 100) -> list[dict[str, Any]]:
+        return await self.service.pending_confirmations(_principal(principal), limit)
 
     async def confirm(self, session_id: str, call_id: str, body: dict[str, Any], *,
                       confirmer: str | None = None, may_confirm: bool = False,

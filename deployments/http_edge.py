@@ -35,6 +35,7 @@ class EdgeHooks:
     on_complete: Callable[[RequestContext], None] = staticmethod(lambda context: None)
     gate: AddressGate | None = None  # per-address limit on unauthenticated traffic
     gated_prefixes: tuple[str, ...] = ("/v1/", "/admin/")
+    gated_posts: tuple[str, ...] = ("/console/login",)  # key guessing through a form
 
     @classmethod
     def limit_for(cls, path: str) -> int:
@@ -111,7 +112,9 @@ class RequestEdgeMiddleware:
                 message["headers"] = list(message.get("headers", [])) + extra
             await send(message)
 
-        gate = EdgeHooks.gate if context.route.startswith(EdgeHooks.gated_prefixes) else None
+        gated = context.route.startswith(EdgeHooks.gated_prefixes) or (
+            context.method == "POST" and context.route in EdgeHooks.gated_posts)
+        gate = EdgeHooks.gate if gated else None
         address = str((scope.get("client") or ("unknown",))[0])
         api_key = bearer_token(headers.get("authorization"), headers.get("x-api-key"))
         slot = None

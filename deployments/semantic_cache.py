@@ -76,6 +76,13 @@ class SemanticCache:
     async def stats(self) -> dict[str, Any]:
         return await asyncio.to_thread(self.service.stats)
 
+    async def namespaces(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self.service.namespaces, tenant)
+
+    async def entries(self, tenant: str | None = None, namespace: str | None = None,
+                      limit: int = 100) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self.service.entries, tenant, namespace, limit)
+
     async def flush(self) -> dict[str, Any]:
         return await asyncio.to_thread(self.service.flush)
 

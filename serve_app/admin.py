@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--tenant")
     usage.add_argument("--key", dest="key_id")
     usage.add_argument("--requests", action="store_true", help="list rows, not totals")
+    usage.add_argument("--interval", type=_duration_s, dest="interval_s",
+                       help="a time series in buckets of this size, e.g. 1h")
     sub.add_parser("tenants", help="list tenants")
     return parser
 
@@ -132,7 +134,9 @@ def run(args: argparse.Namespace, client: httpx.Client) -> Any:
         params = {k: v for k, v in {
             "group_by": None if args.requests else args.group_by,
             "start": time.time() - args.since if args.since else None,
-            "tenant_id": args.tenant, "key_id": args.key_id}.items() if v is not None}
+            "tenant_id": args.tenant, "key_id": args.key_id,
+            "interval_s": None if args.requests or not args.interval_s
+            else int(args.interval_s)}.items() if v is not None}
         path = f"{PREFIX}/usage/requests" if args.requests else f"{PREFIX}/usage"
         return _ok(client.get(path, params=params))
     action = args.action

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from serve_app.agent.config import AgentSettings
 from serve_app.cache.config import CacheSettings
+from serve_app.console.config import ConsoleSettings
 from serve_app.database.config import DatabaseSettings
 from serve_app.quota.pricing import Price
 from serve_app.rag.config import RagSettings
@@ -159,6 +160,7 @@ class StackAppSettings(StrictModel):
     rag: RagSettings = RagSettings()
     router: RouterSettings = RouterSettings()
     agent: AgentSettings = AgentSettings()
+    console: ConsoleSettings = ConsoleSettings()
     prices: dict[str, Price] = Field(
         default_factory=dict,
         description="USD per million input/output tokens of models outside the router "

@@ -2,14 +2,15 @@
 `python -m serve_app.admin` calls these routes."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
 
 from deployments.gateway.dependencies import AdminDep, GatewayDep
 from serve_app.admin_protocol import KeyCreate, KeyRotate, KeyUpdate
 from serve_app.errors import ApiError
+from serve_app.quota.ledger import MAX_INTERVAL_S, MIN_INTERVAL_S
 
 router = APIRouter(prefix="/admin/v1")
 
@@ -70,16 +71,20 @@ async def admin_key_budget(key_id: str, gateway: GatewayDep, admin: AdminDep) ->
 
 
 @router.get("/usage")
-async def admin_usage(gateway: GatewayDep, admin: AdminDep, group_by: str = "key",
+async def admin_usage(gateway: GatewayDep, admin: AdminDep,
+                      group_by: Literal["key", "tenant", "model", "tier", "route"] = "key",
                       start: float | None = None, end: float | None = None,
-                      tenant_id: str | None = None,
-                      key_id: str | None = None) -> dict[str, Any]:
-    """Requests, tokens, cost, cache hits and savings grouped by key, tenant, model,
-    tier or route over [start, end) (epoch seconds)."""
+                      tenant_id: str | None = None, key_id: str | None = None,
+                      interval_s: Annotated[int | None, Query(
+                          ge=MIN_INTERVAL_S, le=MAX_INTERVAL_S)] = None) -> dict[str, Any]:
+    """Requests, tokens, cost, cache hits, savings, errors and fallbacks grouped by key,
+    tenant, model, tier or route over [start, end) (epoch seconds); with `interval_s`,
+    per time bucket too (a time series, oldest first)."""
     rows = await gateway.quota.call("usage_summary", {
         "group_by": group_by, "start": start, "end": end, "tenant_id": tenant_id,
-        "key_id": key_id})
-    return {"group_by": group_by, "start": start, "end": end, "data": rows}
+        "key_id": key_id, "interval_s": interval_s})
+    return {"group_by": group_by, "start": start, "end": end, "interval_s": interval_s,
+            "data": rows}
 
 
 @router.get("/usage/requests")

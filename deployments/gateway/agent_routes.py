@@ -6,12 +6,13 @@ an irreversible tool call, and not one their own run asked for unless their poli
 so. Every check is made in the AgentRunner from the caller's principal passed here."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from deployments.gateway.dependencies import AdminDep, CallerDep, GatewayDep
+from serve_app.agent.sessions import STATUSES
 from serve_app.errors import ApiError
 
 PREFIX = "/v1/agent/sessions"
@@ -82,6 +83,29 @@ async def agent_grant(session_id: str, request: Request, gateway: GatewayDep,
 async def agent_delete(session_id: str, gateway: GatewayDep,
                        caller: CallerDep) -> dict[str, Any]:
     return await gateway.agent.call("delete", session_id, caller.tenant_id, caller.principal())
+
+
+@router.get("/v1/agent/confirmations")
+async def agent_pending_confirmations(gateway: GatewayDep, caller: CallerDep,
+                                      limit: Annotated[int, Query(ge=1, le=500)] = 100
+                                      ) -> dict[str, Any]:
+    """Calls waiting for a human that the caller may decide (a can_confirm key: its
+    tenant's; the admin key: every tenant's), each with the exact tool call."""
+    data = await gateway.agent.call("pending_confirmations", caller.principal(), limit)
+    return {"object": "list", "data": data}
+
+
+@router.get("/admin/v1/agent/sessions")
+async def agent_list_sessions(gateway: GatewayDep, admin: AdminDep,
+                              tenant: Annotated[str | None, Query(max_length=128)] = None,
+                              status: Literal[STATUSES] | None = None,  # type: ignore[valid-type]
+                              limit: Annotated[int, Query(ge=1, le=500)] = 100
+                              ) -> dict[str, Any]:
+    """Sessions of every tenant (or one), newest first, with budgets used and pending
+    confirmations; messages are in GET /v1/agent/sessions/{id}."""
+    data = await gateway.agent.call("list_sessions", {
+        "tenant": tenant, "status": status, "limit": limit}, admin.principal())
+    return {"object": "list", "data": data}
 
 
 @router.get("/admin/v1/agent/audit/verify")

@@ -84,6 +84,28 @@ async def admin_cache_stats(gateway: GatewayDep, admin: AdminDep) -> dict[str, A
     return await gateway.cache.call("stats")
 
 
+@router.get(ADMIN + "/namespaces")
+async def admin_cache_namespaces(gateway: GatewayDep, admin: AdminDep,
+                                 tenant: Annotated[str | None, Query(pattern=_ID)] = None
+                                 ) -> dict[str, Any]:
+    """Per tenant and namespace: entries, and lookups, hits, hit rate and similarity
+    histograms (of hits and of misses' best candidates) since the cache replica started."""
+    return {"object": "list", "data": await gateway.cache.call("namespaces", tenant)}
+
+
+@router.get(ADMIN + "/entries")
+async def admin_cache_entries(gateway: GatewayDep, admin: AdminDep,
+                              tenant: Annotated[str | None, Query(pattern=_ID)] = None,
+                              namespace: Annotated[str | None, Query(
+                                  pattern=NAMESPACE_PATTERN)] = None,
+                              limit: Annotated[int, Query(ge=1, le=1000)] = 100
+                              ) -> dict[str, Any]:
+    """The newest entries (prompt cut to 300 characters, no answer), optionally of one
+    tenant and namespace."""
+    return {"object": "list",
+            "data": await gateway.cache.call("entries", tenant, namespace, limit)}
+
+
 @router.post(ADMIN + "/maintain")
 async def admin_cache_maintain(gateway: GatewayDep, admin: AdminDep) -> dict[str, Any]:
     """Flush buffered writes, expire, evict, compact and index now."""

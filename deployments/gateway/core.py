@@ -9,6 +9,7 @@ from typing import Any
 from ray import serve
 
 from deployments.chat_pipeline import ServeChatPipeline
+from deployments.gateway.console_routes import bind_console
 from deployments.gateway.dependencies import bind_gateway
 from deployments.gateway.fastapi_app import app
 from serve_app.address_gate import AddressGate
@@ -44,6 +45,7 @@ class Gateway:
                             max_upload_bytes=self.settings.gateway.max_upload_bytes,
                             on_complete=self.finish_request,
                             gate=self._address_gate())
+        bind_console(self.settings.console, self.settings.data_dir)
         bind_gateway(self)  # what dependencies.gateway_of hands the routes
 
     def _address_gate(self) -> AddressGate | None:

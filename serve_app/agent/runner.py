@@ -179,6 +179,34 @@ class AgentService:
                     self.store.release(session_id, holder)
         return self._view(session)
 
+    async def list_sessions(self, principal: Principal, *, tenant: str | None = None,
+                            status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """The admin key's overview: sessions of every tenant (or one), newest first,
+        with budgets used and any pending confirmation (messages left out)."""
+        if not principal.admin:
+            raise ApiError(403, "Listing sessions needs the admin key.", code="not_admin")
+        return [self._summary(s) for s in self.store.recent(owner=tenant, status=status,
+                                                            limit=limit)]
+
+    async def pending_confirmations(self, principal: Principal,
+                                    limit: int = 100) -> list[dict[str, Any]]:
+        """Calls waiting for a human that this principal may decide: the admin key any
+        tenant's, a can_confirm key its own tenant's (never another's). Each carries the
+        exact tool call (tool, arguments) and who asked for it."""
+        if not principal.can_confirm:
+            raise ApiError(403, "This API key may not confirm agent actions.",
+                           code="confirmation_not_allowed")
+        owner = None if principal.admin else principal.tenant_id
+        sessions = self.store.recent(owner=owner, status=AWAITING, limit=limit)
+        return [self._summary(s) for s in sessions if s.pending]
+
+    def _summary(self, session: Session) -> dict[str, Any]:
+        view = self._view(session)
+        view.pop("messages")
+        view["tenant"] = session.owner
+        view["messages_count"] = len(session.messages)
+        return view
+
     async def audit(self, session_id: str, *, owner: str | None = None,
                     principal: Principal | None = None) -> dict[str, Any]:
         self._load_visible(session_id, owner, principal, "read")

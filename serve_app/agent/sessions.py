@@ -170,6 +170,20 @@ class SessionStore:
                                     "WHERE id = ?", (session_id,))
         return (row["lease_owner"], row["lease_until"]) if row else (None, None)
 
+    def recent(self, *, owner: str | None = None, status: str | None = None,
+               limit: int = 100) -> list[Session]:
+        """Sessions, most recently changed first; of one tenant (`owner`) and/or status."""
+        clauses, params = [], []
+        for clause, value in (("owner = ?", owner), ("status = ?", status)):
+            if value is not None:
+                clauses.append(clause)
+                params.append(value)
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        with self._lock:
+            rows = self._db.fetchall(f"SELECT * FROM agent_sessions {where} "
+                                     "ORDER BY updated_at DESC LIMIT ?", (*params, int(limit)))
+        return [Session.from_row(row) for row in rows]
+
     def list_ids(self, owner: str | None = None) -> list[str]:
         with self._lock:
             if owner is None:

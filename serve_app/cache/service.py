@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from serve_app.cache.config import DEFAULT_NAMESPACE, CacheSettings
 from serve_app.cache.feedback import FeedbackStore, Negative, ServedHit
 from serve_app.cache.guard import PairGuard
+from serve_app.cache.namespace_stats import NamespaceStats
 from serve_app.cache.policy import CacheDecision, prompt_hash
 from serve_app.cache.replay import is_storable
 from serve_app.cache.store import INVALIDATION_KINDS, NEVER, CacheEntry, CacheStore
@@ -94,6 +95,7 @@ class CacheService:
         self.feedback = FeedbackStore(self.store.uri, settings.table_name, settings.feedback)
         self.counts = {"hits": 0, "misses": 0, "stores": 0, "saved_usd": 0.0,
                        "reported_wrong": 0}
+        self.namespace_stats = NamespaceStats()
 
     # ---- the request path ------------------------------------------------------------
 
@@ -109,6 +111,8 @@ class CacheService:
         tenant = _tenant(tenant)
         threshold = self.floor(tenant, plan)
         if not plan.lookup:
+            self.namespace_stats.record(tenant, plan.namespace, hit=False, similarity=None,
+                                        skipped=True)
             return self._miss(plan, f"skipped:{plan.reason}", None, threshold, started)
         blocked = None
         if plan.prompt_hash and self.feedback.has_negatives(tenant):
@@ -127,6 +131,8 @@ class CacheService:
             return {"hit": False, "reason": "no_exact_match", "threshold": threshold,
                     "similarity": None, "probe": True}
         if outcome.hit is None:
+            self.namespace_stats.record(tenant, plan.namespace, hit=False,
+                                        similarity=outcome.best_similarity)
             return self._miss(plan, outcome.rejected or "miss", outcome.best_similarity,
                               threshold, started, outcome.verifier_score)
         hit = outcome.hit
@@ -141,6 +147,8 @@ class CacheService:
                 cached_hash=hit.prompt_hash, served_at=now,
                 verifier_score=hit.verifier_score))
         self.counts["hits"] += 1
+        self.namespace_stats.record(tenant, plan.namespace, hit=True,
+                                    similarity=float(hit.similarity))
         self.metrics.hit(hit.match, hit.similarity, self._metric_namespace(plan.namespace))
         elapsed = time.perf_counter() - started
         self.metrics.lookup_seconds(elapsed)
@@ -276,6 +284,22 @@ class CacheService:
                     "model_version": self.verifier.model.version,
                     "min_similarity": self.verifier.min_similarity,
                     "cutoff": self.verifier.cutoff, "candidates": self.verifier.candidates}}
+
+    def namespaces(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        """Per (tenant, namespace): entries stored now, and this replica's lookups, hits,
+        hit rate and similarity histograms (hits and misses) since it started."""
+        counts = self.store.namespace_counts(tenant)
+        seen = self.namespace_stats.snapshot(tenant)
+        rows = {(r["tenant"], r["namespace"]): {**r, "entries": 0} for r in seen}
+        for (t, ns), entries in counts.items():
+            rows.setdefault((t, ns), {"tenant": t, "namespace": ns, "lookups": 0, "hits": 0,
+                                      "skipped": 0, "hit_rate": None, "similarity": None})
+            rows[(t, ns)]["entries"] = entries
+        return [rows[k] for k in sorted(rows)]
+
+    def entries(self, tenant: str | None = None, namespace: str | None = None,
+                limit: int = 100) -> list[dict[str, Any]]:
+        return self.store.entries(tenant=tenant, namespace=namespace, limit=limit)
 
     # ---- feedback --------------------------------------------------------------------
 

@@ -70,6 +70,10 @@ def cache_schema(dim: int) -> pa.Schema:
     ])
 
 
+_LISTED_COLUMNS = ["id", "prompt", "model", "requested_model", "tier", "tenant", "namespace",
+                   "created_at", "expires_at", "last_hit_at", "hit_count", "source_ids"]
+LISTED_PROMPT_CHARS = 300
+LIST_SCAN_ROWS = 100_000  # the admin listing's bound on rows read per call
 _RESULT_COLUMNS = ["id", "prompt", "prompt_hash", "answer", "model", "requested_model", "tier",
                    "namespace", "created_at", "expires_at", "hit_count", "source_ids",
                    "tenant"]
@@ -471,6 +475,47 @@ class CacheStore:
         with self._buffer_lock:
             buffered = len(self._pending) + len(self._flushing)
         return int(self._table.count_rows()) + buffered
+
+    def entries(self, *, tenant: str | None = None, namespace: str | None = None,
+                limit: int = 100) -> list[dict[str, Any]]:
+        """The newest entries (buffered ones too), without vectors and answers; prompts cut
+        to LISTED_PROMPT_CHARS. Scans at most LIST_SCAN_ROWS table rows."""
+        def keep(row: dict[str, Any]) -> bool:
+            return ((tenant is None or row["tenant"] == tenant)
+                    and (namespace is None or row["namespace"] == namespace))
+
+        with self._buffer_lock:
+            buffered = [e.row() for e in (*self._flushing, *self._pending)]
+        rows = [{k: row[k] for k in _LISTED_COLUMNS} for row in buffered if keep(row)]
+        parts = [_sql(col(name) == lit(value)) for name, value in
+                 (("tenant", tenant), ("namespace", namespace)) if value is not None]
+        query = self._table.search().select(_LISTED_COLUMNS).limit(LIST_SCAN_ROWS)
+        if parts:
+            query = query.where(" AND ".join(f"({p})" for p in parts))
+        rows += query.to_list()
+        rows.sort(key=lambda row: row["created_at"], reverse=True)
+        listed = []
+        for row in rows[:max(0, limit)]:
+            row = {k: row[k] for k in _LISTED_COLUMNS}
+            row["prompt"] = (row["prompt"] or "")[:LISTED_PROMPT_CHARS]
+            row["source_ids"] = list(row["source_ids"] or [])
+            listed.append(row)
+        return listed
+
+    def namespace_counts(self, tenant: str | None = None) -> dict[tuple[str, str], int]:
+        """Entries (live and expired, buffered too) per (tenant, namespace)."""
+        counts: dict[tuple[str, str], int] = {}
+        with self._buffer_lock:
+            buffered = [(e.tenant, e.namespace) for e in (*self._flushing, *self._pending)]
+        query = self._table.search().select(["tenant", "namespace"]).limit(LIST_SCAN_ROWS)
+        if tenant is not None:
+            query = query.where(_sql(col("tenant") == lit(tenant)))
+        table = query.to_arrow()
+        pairs = zip(table.column("tenant").to_pylist(), table.column("namespace").to_pylist())
+        for pair in [*buffered, *pairs]:
+            if tenant is None or pair[0] == tenant:
+                counts[pair] = counts.get(pair, 0) + 1
+        return counts
 
     def stats(self) -> dict[str, Any]:
         table_stats = self._table.stats()

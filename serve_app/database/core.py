@@ -457,6 +457,14 @@ class Database:
         return (f"CAST(ROUND(CAST(SUM({column}) AS NUMERIC), {int(digits)}) "
                 "AS DOUBLE PRECISION)")
 
+    def bucket_start(self, column: str, interval_s: int) -> str:
+        """The start of the `interval_s` bucket a non-negative epoch `column` falls in, as
+        an integer (SQLite's integer division floors; PostgreSQL's CAST would round)."""
+        n = int(interval_s)
+        if self.dialect == "sqlite":
+            return f"((CAST({column} AS INTEGER) / {n}) * {n})"
+        return f"(CAST(FLOOR({column} / {n}) AS BIGINT) * {n})"
+
     def close(self) -> None:
         with self.lock:
             if self._conn is not None:

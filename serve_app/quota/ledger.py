@@ -63,6 +63,7 @@ MIGRATIONS = [
 
 GROUP_COLUMNS = {"key": "key_id", "tenant": "tenant_id", "model": "model", "tier": "tier",
                  "route": "route"}
+MIN_INTERVAL_S, MAX_INTERVAL_S = 60, 31 * 86_400  # time buckets of summary()
 
 
 @dataclass
@@ -186,19 +187,32 @@ class UsageLedger:
 
     def summary(self, *, group_by: str = "key", start: float | None = None,
                 end: float | None = None, tenant_id: str | None = None,
-                key_id: str | None = None) -> list[dict[str, Any]]:
+                key_id: str | None = None,
+                interval_s: int | None = None) -> list[dict[str, Any]]:
+        """Requests, tokens, cost, cache hits, savings, errors and fallbacks per `group_by`
+        value; with `interval_s`, per time bucket too (`bucket`: its start, epoch seconds),
+        oldest bucket first."""
         column = GROUP_COLUMNS.get(group_by)
         if column is None:
             raise ValueError(f"group_by must be one of {sorted(GROUP_COLUMNS)}")
         where, params = _filters(start, end, tenant_id, key_id)
+        select, group, order = f"{column} AS {group_by}", column, "cost_usd DESC"
+        if interval_s is not None:
+            if not MIN_INTERVAL_S <= int(interval_s) <= MAX_INTERVAL_S:
+                raise ValueError(f"interval_s must be in [{MIN_INTERVAL_S}, {MAX_INTERVAL_S}]")
+            bucket = self.db.bucket_start("ts", int(interval_s))
+            select, group = f"{bucket} AS bucket, {select}", f"{bucket}, {column}"
+            order = f"bucket, {column}"
         return self._read(
-            f"SELECT {column} AS {group_by}, COUNT(*) AS requests,"
+            f"SELECT {select}, COUNT(*) AS requests,"
             " SUM(CASE WHEN status < 400 THEN 1 ELSE 0 END) AS succeeded,"
+            " SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END) AS errors,"
+            " SUM(CASE WHEN fallback IS NOT NULL THEN 1 ELSE 0 END) AS fallbacks,"
             " SUM(tokens_in) AS tokens_in, SUM(tokens_out) AS tokens_out,"
             f" {self.db.round_sum('cost_usd', 10)} AS cost_usd,"
             " SUM(cache_hit) AS cache_hits,"
             f" {self.db.round_sum('saved_usd', 10)} AS saved_usd"
-            f" FROM usage {where} GROUP BY {column} ORDER BY cost_usd DESC", params)
+            f" FROM usage {where} GROUP BY {group} ORDER BY {order}", params)
 
     # ------------------------------------------------------------------ alerts
     def mark_alert(self, key_id: str, period_start: float, threshold: float) -> bool:

@@ -189,3 +189,46 @@ async def test_calls_after_a_paused_one_wait_for_it(agent, model, target, tmp_pa
     tool_ids = [m["tool_call_id"] for m in done["messages"] if m["role"] == "tool"]
     assistant_ids = [c["id"] for c in done["messages"][2]["tool_calls"]]
     assert tool_ids == assistant_ids
+
+
+# ---------------------------------------------------------------- the console's lists
+
+async def test_pending_confirmations_are_scoped_to_what_the_caller_may_decide(agent, model,
+                                                                             target):
+    from serve_app.agent.access import Principal
+
+    mine = await paused_session(agent, model, target)
+    model.script(post_call(target))
+    other = await agent.create_session(owner="t2")
+    await agent.post_message(other["id"], "send it", owner="t2")
+    confirmer = Principal(key_id="k-t1", tenant_id="t1", can_confirm=True)
+    listed = await agent.pending_confirmations(confirmer)
+    assert [s["id"] for s in listed] == [mine["id"]]  # never another tenant's
+    assert listed[0]["pending_confirmation"]["arguments"]["body"] == "hello"
+    assert "messages" not in listed[0] and listed[0]["tenant"] == "t1"
+    admin = Principal(key_id="admin", tenant_id=None, can_confirm=True, admin=True)
+    assert {s["id"] for s in await agent.pending_confirmations(admin)} == {mine["id"],
+                                                                          other["id"]}
+    with pytest.raises(ApiError) as refused:
+        await agent.pending_confirmations(Principal(key_id="k2", tenant_id="t1"))
+    assert refused.value.status == 403
+
+
+async def test_listing_sessions_needs_the_admin_key_and_filters(agent, model, target, clock):
+    from serve_app.agent.access import Principal
+
+    paused = await paused_session(agent, model, target)
+    clock.advance(5)
+    model.script(answer("done"))
+    finished = await agent.create_session(owner="t2")
+    await agent.post_message(finished["id"], "hi", owner="t2")
+    admin = Principal(key_id="admin", tenant_id=None, can_confirm=True, admin=True)
+    every = await agent.list_sessions(admin)
+    assert [s["id"] for s in every] == [finished["id"], paused["id"]]  # newest first
+    assert every[0]["usage"]["llm_calls"] == 1 and every[0]["budgets"]["max_llm_calls"] >= 1
+    assert [s["id"] for s in await agent.list_sessions(admin, tenant="t1")] == [paused["id"]]
+    assert [s["id"] for s in await agent.list_sessions(
+        admin, status="awaiting_confirmation")] == [paused["id"]]
+    with pytest.raises(ApiError) as refused:
+        await agent.list_sessions(Principal(key_id="k", tenant_id="t1", can_confirm=True))
+    assert refused.value.status == 403

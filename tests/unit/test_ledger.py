@@ -2,6 +2,8 @@ import asyncio
 import threading
 import time
 
+import pytest
+
 from serve_app.quota.ledger import UsageLedger, UsageRow
 from tests.support.db_helpers import run_writers
 
@@ -40,6 +42,31 @@ def test_summary_groups_and_filters(db_target):
     assert ledger.summary(group_by="model", key_id="b")[0]["model"] == "m1"
     assert ledger.spent_since("a", 0) == 0.03
     assert ledger.spent_since("nobody", 0) == 0.0
+
+
+def test_summary_by_time_bucket_floors_timestamps_and_counts_errors_and_fallbacks(db_target):
+    ledger = UsageLedger(db_target("u.db"))
+    hour = 3600
+    base = 1_700_000_000 // hour * hour
+    # 3599.9 s into a bucket must stay in it: a rounding cast would move it to the next.
+    for i, (offset, tenant) in enumerate([(1, "a"), (3599.9, "a"), (3599.9, "b"),
+                                          (hour + 5, "a")]):
+        row = make_row(i, tenant=tenant, ts=base + offset)
+        if i == 1:
+            row.status, row.error_code = 429, "rate_limited"
+        if i == 2:
+            row.fallback = "openai-mini"
+        ledger.append_sync(row)
+    rows = ledger.summary(group_by="tenant", interval_s=hour)
+    assert [(r["bucket"], r["tenant"], r["requests"]) for r in rows] == [
+        (base, "a", 2), (base, "b", 1), (base + hour, "a", 1)]
+    assert (rows[0]["errors"], rows[0]["succeeded"], rows[1]["fallbacks"]) == (1, 1, 1)
+    assert all(isinstance(r["bucket"], int) for r in rows)
+    only_b = ledger.summary(group_by="tenant", interval_s=hour, tenant_id="b")
+    assert [r["tenant"] for r in only_b] == ["b"]
+    for bad in (0, 59, 31 * 86_400 + 1):
+        with pytest.raises(ValueError):
+            ledger.summary(interval_s=bad)
 
 
 def test_duplicate_request_id_is_ignored(db_target):
