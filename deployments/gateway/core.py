@@ -79,6 +79,7 @@ class Gateway:
 
     def finish_request(self, context: RequestContext) -> None:
         self.pipeline.settle_leftover(context)
+        self.pipeline.observe(context)
         route = context.route if context.route.startswith(("/v1/", "/admin/")) else "other"
         self.metrics.requests.inc(tags={"route": route, "status": str(context.status)})
         self.metrics.latency.observe(context.elapsed_ms() / 1000, tags={"route": route})
