@@ -66,6 +66,25 @@ class _Metrics:
 BREAKER_STATE_VALUES = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
 
 
+class RouteLabels:
+    """Request path -> the app's route template (`/v1/agent/sessions/{session_id}`), so the
+    `route` label has one value per route, not one per session, key or unknown path that
+    a client sends (unmatched paths are "other")."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._routes: list[tuple[Any, str]] | None = None  # read once every router is in
+
+    def __call__(self, path: str) -> str:
+        if self._routes is None:
+            self._routes = [(route.path_regex, route.path) for route in self.app.routes
+                            if hasattr(route, "path_regex")]
+        for regex, template in self._routes:
+            if regex.match(path):
+                return template
+        return "other"
+
+
 @lru_cache(maxsize=1)
 def serve_metrics() -> Any:
     """One set of metric objects per process (created inside the replica)."""

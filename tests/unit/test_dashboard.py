@@ -116,3 +116,21 @@ def test_the_scrape_config_reads_rays_service_discovery_file(tmp_path: Path):
     config = scrape_config(sd_file, "1s")
     assert config["global"]["scrape_interval"] == "1s"
     assert config["scrape_configs"][0]["file_sd_configs"][0]["files"] == [str(sd_file)]
+
+
+def test_route_labels_are_templates_never_raw_paths():
+    from fastapi import FastAPI
+
+    from deployments.metrics import RouteLabels
+
+    app = FastAPI()
+    app.post("/v1/chat/completions")(lambda: None)
+    app.post("/v1/agent/sessions/{session_id}/confirmations/{call_id}")(lambda: None)
+    app.get("/admin/v1/keys/{key_id}")(lambda: None)
+    labels = RouteLabels(app)
+    assert labels("/v1/chat/completions") == "/v1/chat/completions"
+    assert labels("/v1/agent/sessions/as_1f/confirmations/call_2a") == \
+        "/v1/agent/sessions/{session_id}/confirmations/{call_id}"
+    assert labels("/admin/v1/keys/k_123") == "/admin/v1/keys/{key_id}"
+    # A path no route serves (a client's choice) does not become a label value.
+    assert labels("/v1/anything-a-client-sends/123") == "other"
