@@ -76,6 +76,12 @@ class LocalStack:
         # The full dashboard, as under `make run`, on a free port (other clusters on this
         # machine may hold 8265): its reporter writes the Prometheus service-discovery
         # file (`prometheus_sd_file`) that dashboards/prometheus/prometheus.yml reads.
+        # Ray's autoscaler and dashboard serve their own metrics on fixed ports (44217,
+        # 44227) and list them in that file even when another cluster holds them, or when
+        # they became this cluster's GCS port (seen here): free ones, through the
+        # variables their processes read at start.
+        for variable in ("AUTOSCALER_METRIC_PORT", "DASHBOARD_METRIC_PORT"):
+            os.environ[variable] = str(free_port())
         start_ray(num_cpus=8, dashboard_port=self.dashboard_port)
 
     def deploy_stack(self, data_dir: Path, args: dict[str, Any] | None = None,
