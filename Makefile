@@ -27,7 +27,7 @@ export RAY_AUTH_TOKEN_PATH ?= $(abspath $(DATA_DIR))/secrets/ray_auth_token
 PG_SERVER_GLOB := /usr/lib/postgresql/*/bin/postgres
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup models train-router train-cache-verifier run cluster-up test test-unit bench bench-load lint clean postgres-server chromium
+.PHONY: setup models train-router train-cache-verifier run cluster-up test test-unit bench bench-load lint clean postgres-server chromium prometheus
 
 setup: $(STAMP)
 
@@ -83,7 +83,7 @@ postgres-server:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; \
 	fi
 
-test: models postgres-server chromium
+test: models postgres-server chromium prometheus
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 test-unit: setup postgres-server
@@ -111,3 +111,16 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) $(DATA_DIR)
+
+# Debian's prometheus, for the dashboard test (tests/integration/test_dashboards.py starts
+# its own server from the binary, on a free port). The package's own service is not used:
+# where systemd runs it, it is stopped and disabled again.
+prometheus:
+	@if ! test -x /usr/bin/prometheus; then \
+		echo "installing Debian's prometheus (the dashboard test starts its own server)"; \
+		$(SUDO) apt-get update && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus && \
+		if command -v systemctl >/dev/null 2>&1 && systemctl is-enabled prometheus >/dev/null 2>&1; then \
+			$(SUDO) systemctl disable --now prometheus || true; \
+		fi; \
+	fi

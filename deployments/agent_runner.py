@@ -25,8 +25,10 @@ from ray import serve
 
 from deployments.chat_pipeline import PipelineLLMPort, ServeChatPipeline
 from deployments.handles import call_handle
+from deployments.metrics import AgentMetrics
 from serve_app.agent.access import Principal
 from serve_app.agent.config import AgentSettings
+from serve_app.agent.events import AgentEvents
 from serve_app.agent.llm_port import LLMPort, OpenAICompatibleLLM
 from serve_app.agent.protocol import (ConfirmRequest, CreateSessionRequest, GrantRequest,
                                       PostMessageRequest, parse)
@@ -95,7 +97,8 @@ class AgentRunner:
             self._pipeline = pipeline
         self.service = AgentService(agent_settings, stack.data_dir,
                                     _port(llm, agent_settings), retrieve=_retrieve(retriever),
-                                    database_url=stack.database.url())
+                                    database_url=stack.database.url(),
+                                    events=AgentEvents(AgentMetrics()))
         try:
             self.service.sandbox.check()
         except SandboxUnavailable as error:  # the python tool will answer with this reason

@@ -137,6 +137,13 @@ class ServeChatPipeline:
         await asyncio.gather(*self.cache.background.tasks, return_exceptions=True)
         await self.providers.aclose()
 
+    def observe(self, context: RequestContext) -> None:
+        """A finished request's metrics: time per stage, fallback hops, and the providers'
+        breaker states as this replica sees them now."""
+        self.metrics.observe_request(context)
+        self.metrics.breakers({name: status["state"]
+                               for name, status in self.providers.status().items()})
+
     def settle_leftover(self, context: RequestContext) -> None:
         """Admitted but never settled (a stream its client left before it started):
         settled here, so no reservation leaks and no row is lost."""
@@ -173,6 +180,7 @@ class PipelineLLMPort:
             raise
         finally:
             self.pipeline.settle_leftover(context)
+            self.pipeline.observe(context)
             self.request_log.write(context)
         result = dict(outcome.body or {})
         result["usage"] = {**(result.get("usage") or {}), "cost_usd": context.cost_usd}

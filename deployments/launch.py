@@ -158,6 +158,12 @@ def start_ray(num_cpus: int | None, dashboard: bool = True, *,
     _cluster = _Cluster(session_dir=context.address_info["session_dir"])
 
 
+def session_dir() -> Path | None:
+    """The session directory of the cluster start_ray started here (Ray's logs, and the
+    Prometheus service-discovery file the dashboard writes there); None if none runs."""
+    return Path(_cluster.session_dir) if _cluster is not None else None
+
+
 class _ProcessTracker:
     """Processes of the local cluster, found by pid, never by name.
 

@@ -17,11 +17,13 @@ from typing import Any
 import httpx
 
 from deployments.app import expand_quota_overrides
-from deployments.launch import app_config, deploy, load_config, shutdown_cluster, start_ray
+from deployments.launch import (app_config, deploy, load_config, session_dir, shutdown_cluster,
+                                start_ray)
 from serve_app.routing.config import ClassifierSettings
 from serve_app.settings import PROJECT_ROOT
 
 LOCAL_CONFIG = PROJECT_ROOT / "configs" / "local.yaml"
+PROMETHEUS_SD_FILE = "prom_metrics_service_discovery.json"  # ray_constants' name for it
 
 
 def free_port() -> int:
@@ -48,16 +50,39 @@ class LocalStack:
         self.base_config = load_config(LOCAL_CONFIG)
         self.base_config["http_options"]["port"] = self.port
         self.current_config: dict[str, Any] | None = None
+        self.dashboard_port = free_port()
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def prometheus_sd_file(self) -> Path:
+        """Ray's file-SD list of this cluster's metrics endpoints (written by the
+        dashboard every few seconds once it runs)."""
+        found = session_dir()
+        if found is None:
+            raise RuntimeError("the cluster is not started")
+        return found / PROMETHEUS_SD_FILE
+
     def start(self) -> None:
         # Same private control plane as `make run`: token auth (RAY_AUTH_TOKEN_PATH, or
         # var/secrets/ray_auth_token) and every Ray port on 127.0.0.1.
         os.environ.setdefault("LLMSTACK_LOG_TO_DRIVER", "0")
-        start_ray(num_cpus=8, dashboard=False)
+        # The full dashboard, as under `make run`, on a free port (other clusters on this
+        # machine may hold 8265): its reporter writes the Prometheus service-discovery
+        # file (`prometheus_sd_file`) that dashboards/prometheus/prometheus.yml reads.
+        # Ray's autoscaler and dashboard serve their own metrics on fixed ports (44217,
+        # 44227) and list them in that file even when another cluster holds them, or when
+        # they became this cluster's GCS port (seen here): free ones, through the
+        # variables their processes read at start.
+        for variable in ("AUTOSCALER_METRIC_PORT", "DASHBOARD_METRIC_PORT"):
+            os.environ[variable] = str(free_port())
+        start_ray(num_cpus=8, dashboard_port=self.dashboard_port)
 
     def deploy_stack(self, data_dir: Path, args: dict[str, Any] | None = None,
                      deployments: dict[str, dict[str, Any]] | None = None,

@@ -1,7 +1,9 @@
 """Every metric of the stack (Ray Serve metrics: the Ray dashboard, Prometheus), in one
 place: the Gateway's and AgentRunner's request metrics (`serve_metrics`), the Quota's per-key
-events (`QuotaMetrics`), the semantic cache's (`RayCacheMetrics`) and the router
-classifier's (`RouterMetrics`).
+events (`QuotaMetrics`), the semantic cache's (`RayCacheMetrics`), the router
+classifier's (`RouterMetrics`) and the agent's tool calls (`AgentMetrics`). Ray exports
+each with a `ray_` prefix; dashboards/grafana/llmstack.json charts them (see README
+"Dashboards").
 
 Attribute names follow the OpenTelemetry GenAI conventions where one exists, with dots
 turned into underscores because Prometheus tag keys cannot hold dots.
@@ -32,6 +34,55 @@ class _Metrics:
         self.tokens = metrics.Counter(
             "llmstack_tokens_total", "Tokens processed (type=input|output).",
             tag_keys=("gen_ai_request_model", "gen_ai_token_type"))
+        self.stage_latency = metrics.Histogram(
+            "llmstack_stage_latency_seconds", "Time spent in each stage of the chat pipeline "
+            "(admit, cache_exact, embed, cache_lookup, retrieve, route, generate, "
+            "first_output, stream, record).",
+            boundaries=LATENCY_BOUNDARIES_S, tag_keys=("stage",))
+        self.fallbacks = metrics.Counter(
+            "llmstack_fallbacks_total", "Fallback-chain hops: a target left behind (reason) "
+            "for the next one.", tag_keys=("from_target", "to_target", "reason"))
+        self.breaker_state = metrics.Gauge(
+            "llmstack_circuit_breaker_state", "Circuit breaker of each provider, as this "
+            "replica sees it: 0 closed, 1 half-open, 2 open.", tag_keys=("target",))
+
+    def observe_request(self, context: Any) -> None:
+        """A finished chat request (a RequestContext): its stages and fallback hops."""
+        for stage, ms in context.stages_ms.items():
+            self.stage_latency.observe(ms / 1000, tags={"stage": stage})
+        answered = context.extra.get("target")
+        hops = [hop.rpartition(":") for hop in context.fallback]
+        for i, (target, _, reason) in enumerate(hops):
+            following = hops[i + 1][0] if i + 1 < len(hops) else answered
+            self.fallbacks.inc(tags={"from_target": target, "to_target": following or "none",
+                                     "reason": reason or "unknown"})
+
+    def breakers(self, states: dict[str, str]) -> None:
+        """{provider: BreakerState value} -> the gauge."""
+        for target, state in states.items():
+            self.breaker_state.set(BREAKER_STATE_VALUES.get(state, 0.0), tags={"target": target})
+
+
+BREAKER_STATE_VALUES = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
+
+
+class RouteLabels:
+    """Request path -> the app's route template (`/v1/agent/sessions/{session_id}`), so the
+    `route` label has one value per route, not one per session, key or unknown path that
+    a client sends (unmatched paths are "other")."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._routes: list[tuple[Any, str]] | None = None  # read once every router is in
+
+    def __call__(self, path: str) -> str:
+        if self._routes is None:
+            self._routes = [(route.path_regex, route.path) for route in self.app.routes
+                            if hasattr(route, "path_regex")]
+        for regex, template in self._routes:
+            if regex.match(path):
+                return template
+        return "other"
 
 
 @lru_cache(maxsize=1)
@@ -156,3 +207,26 @@ class RouterMetrics:
 
     def drift(self, tenant: str, drifting: bool) -> None:
         self._drift.set(1.0 if drifting else 0.0, tags={"tenant": tenant})
+
+
+class AgentMetrics:
+    """The agent's tool calls and confirmations: the sink of the AgentRunner's
+    AgentService events (serve_app/agent/events.py, derived from its audit rows)."""
+
+    def __init__(self) -> None:
+        from ray.serve import metrics
+
+        self._tool_calls = metrics.Counter(
+            "llmstack_agent_tool_calls_total", "Agent tool calls by outcome (ok, error, "
+            "blocked, denied, expired, interrupted).",
+            tag_keys=("gen_ai_tool_name", "outcome"))
+        self._confirmations = metrics.Counter(
+            "llmstack_agent_confirmations_total", "Human confirmations of irreversible agent "
+            "tool calls: requested, then approved, denied or expired.",
+            tag_keys=("gen_ai_tool_name", "decision"))
+
+    def tool_call(self, tool: str, outcome: str) -> None:
+        self._tool_calls.inc(tags={"gen_ai_tool_name": tool, "outcome": outcome})
+
+    def confirmation(self, tool: str, decision: str) -> None:
+        self._confirmations.inc(tags={"gen_ai_tool_name": tool, "decision": decision})

@@ -16,10 +16,13 @@ from serve_app.address_gate import AddressGate
 from serve_app.gateway.chat_service import ChatService
 from serve_app.errors import ApiError
 from deployments.handles import AgentClient, LocalLLMClient
+from deployments.metrics import RouteLabels
 from deployments.http_edge import register_edge_hooks
 from serve_app.readiness import CachedReadiness
 from serve_app.gateway.request_context import RequestContext, RequestLogger
 from serve_app.settings import StackAppSettings
+
+ROUTE_LABELS = RouteLabels(app)  # the metrics' route label: templates, not raw paths
 
 
 @serve.deployment(name="Gateway", max_ongoing_requests=128)
@@ -81,7 +84,9 @@ class Gateway:
 
     def finish_request(self, context: RequestContext) -> None:
         self.pipeline.settle_leftover(context)
-        route = context.route if context.route.startswith(("/v1/", "/admin/")) else "other"
+        self.pipeline.observe(context)
+        route = (ROUTE_LABELS(context.route) if context.route.startswith(("/v1/", "/admin/"))
+                 else "other")
         self.metrics.requests.inc(tags={"route": route, "status": str(context.status)})
         self.metrics.latency.observe(context.elapsed_ms() / 1000, tags={"route": route})
         self.request_log.write(context)

@@ -39,6 +39,7 @@ from serve_app.agent.audit import AuditLog
 from serve_app.agent.budgets import (Budget, LoopDetector, Prices, Stop, Usage,
                                      clamp_limits, prompt_tokens_upper_bound)
 from serve_app.agent.config import AgentSettings, BudgetLimits
+from serve_app.agent.events import AgentEvents
 from serve_app.agent.llm_port import LLMPort, call_port
 from serve_app.agent.mcp_tools import McpToolbox
 from serve_app.agent.sandbox import Sandbox
@@ -71,9 +72,12 @@ class AgentService:
                  clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic,
                  replica_id: str | None = None, http_transport: Any = None,
-                 database_url: str | None = None) -> None:
+                 database_url: str | None = None,
+                 events: AgentEvents | None = None) -> None:
         """`database_url`: a postgresql:// URL holding the sessions and the audit log
-        (shared by every replica); None: their SQLite files under data_dir."""
+        (shared by every replica); None: their SQLite files under data_dir. `events`
+        hears of every audit row (tool-call metrics, events.py)."""
+        self.events = events or AgentEvents()
         data_dir = Path(data_dir)
         self.settings = settings
         self.llm = llm
@@ -637,6 +641,7 @@ class AgentService:
                       arguments: Any, **fields: Any) -> None:
         self.audit_log.append(session_id=session_id, call_id=call_id, step=step, event=event,
                               tool=tool, arguments=arguments, **fields)
+        self.events.audited(event, tool, call_id, fields)
 
     # ================================================================== small helpers
     async def _session_tools(self, tools: list[str] | None) -> list[str]:
